@@ -1,0 +1,77 @@
+# fsdp-lua build. `make` builds build/fsdp-lua and build/libfsdp.so; `make test`, `make demo`, `make bench`.
+# `make CUDA=1` also compiles kernels/ with nvcc and links cuBLAS.
+CC      ?= gcc
+BUILD   := build
+DEB_PKGS := luajit libluajit-5.1-dev lua-cjson lua-busted libopenblas-openmp-dev libopenmpi-dev openmpi-bin libedit-dev
+BLAS_INC := /usr/include/x86_64-linux-gnu/openblas-openmp
+CFLAGS  ?= -O3 -march=native
+CFLAGS  += -std=c11 -D_GNU_SOURCE -fPIC -fopenmp -Wall -Wextra -Wno-unused-parameter -Iengine -I$(BLAS_INC) \
+           $(shell pkg-config --cflags luajit 2>/dev/null)
+LDLIBS  := -lopenblas -lm -lpthread
+LUAJIT_LIBS := $(shell pkg-config --libs luajit 2>/dev/null || echo -lluajit-5.1)
+
+ENGINE_SRC := $(filter-out engine/main.c,$(wildcard engine/*.c))
+ENGINE_OBJ := $(patsubst engine/%.c,$(BUILD)/obj/%.o,$(ENGINE_SRC))
+CDEF := lua/fsdp/_cdef.lua
+
+ifeq ($(CUDA),1)
+NVCC    ?= nvcc
+CUDA_HOME ?= /usr/local/cuda
+KERNEL_SRC := $(wildcard kernels/*.cu)
+KERNEL_OBJ := $(patsubst kernels/%.cu,$(BUILD)/cuda/%.o,$(KERNEL_SRC))
+CFLAGS  += -DFL_CUDA=1 -I$(CUDA_HOME)/include
+LDLIBS  += -L$(CUDA_HOME)/lib64 -lcudart -lcublas
+NVFLAGS ?= -O3 -arch=sm_90 -Xcompiler -fPIC -Iengine -Ikernels
+endif
+
+.PHONY: all deps test demo bench clean install check-c
+all: deps $(BUILD)/fsdp-lua $(BUILD)/libfsdp.so $(CDEF)
+
+# Installs the Debian packages the project needs, only those missing (apt-get update once first).
+deps:
+	@missing=""; for p in $(DEB_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then echo "installing:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi
+
+$(BUILD)/obj/%.o: engine/%.c engine/fsdp.h engine/internal.h | deps
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -c $< -o $@
+
+$(BUILD)/cuda/%.o: kernels/%.cu $(wildcard kernels/*.h) engine/fsdp.h
+	@mkdir -p $(dir $@)
+	$(NVCC) $(NVFLAGS) -c $< -o $@
+
+$(BUILD)/libfsdp.so: $(ENGINE_OBJ) $(KERNEL_OBJ) Makefile
+	$(CC) -shared -fopenmp -Wl,-z,nodelete -o $@ $(filter %.o,$^) $(LDLIBS)  # nodelete: OpenMP threads outlive dlclose at exit
+
+# The executable exports the engine's symbols so that ffi.C finds them.
+$(BUILD)/fsdp-lua: $(BUILD)/obj/main.o $(ENGINE_OBJ) $(KERNEL_OBJ)
+	$(CC) -fopenmp -Wl,--export-dynamic -o $@ $^ $(LUAJIT_LIBS) -ledit $(LDLIBS)
+
+$(BUILD)/obj/main.o: engine/main.c engine/fsdp.h | deps
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -DFL_LUA_DIR='"$(abspath lua)"' -c $< -o $@
+
+# The FFI declarations are the preprocessed public header: Lua and C cannot drift.
+$(CDEF): engine/fsdp.h
+	@mkdir -p $(dir $@)
+	@{ echo "-- Generated from engine/fsdp.h by the Makefile. Do not edit."; echo "return [==["; \
+	   $(CC) -E -P -DFL_FFI engine/fsdp.h | grep -v '^\s*$$'; echo "]==]"; } > $@.tmp && mv $@.tmp $@
+
+test: all
+	@CI=$(CI) spec/run.sh
+
+demo: all
+	$(BUILD)/fsdp-lua examples/train.lua --time 110
+
+bench: all
+	$(BUILD)/fsdp-lua spec/bench/bench.lua
+
+PREFIX ?= /usr/local
+install: all
+	install -d $(PREFIX)/bin $(PREFIX)/share/fsdp-lua
+	cp -r lua $(PREFIX)/share/fsdp-lua/
+	install -m 755 $(BUILD)/fsdp-lua $(PREFIX)/bin/fsdp-lua
+
+clean:
+	rm -rf $(BUILD) $(CDEF)

@@ -1,0 +1,319 @@
+/* engine/fsdp.h: the one public header of the fsdp-lua engine (all symbols fl_*).
+ * It is read by C and, preprocessed with -DFL_FFI, by LuaJIT's FFI (lua/fsdp/_cdef.lua is generated from
+ * it by the build; nobody edits that file). Keep it FFI-readable: no macros in signatures, constants as enums.
+ *
+ * A worked example (C):
+ *     int64_t shape[2] = {2, 3};
+ *     fl_tensor *a = fl_tensor_full(2, shape, FL_F32, 1.5);
+ *     fl_tensor_set_requires_grad(a, true);
+ *     fl_tensor *b = fl_mul(a, a);                 // records a grad_fn node
+ *     fl_tensor *s = fl_sum(b);                    // scalar
+ *     fl_backward(s, NULL, false);                 // a->grad == 2a
+ *     fl_tensor_release(s); fl_tensor_release(b); fl_tensor_release(a);
+ *
+ * Ownership: functions returning fl_tensor * return an owned reference (refcount 1 or a retained existing
+ * tensor); the caller releases it with fl_tensor_release. `const fl_tensor *` parameters are borrowed.
+ * Errors: a negative int (enum fl_status) or NULL, with the message in fl_last_error().
+ *
+ * Global state, each defined in one file: the thread-local error buffer (error.c), the thread count
+ * (parallel.c), grad mode (autograd.c), the allocation counters (storage.c).
+ */
+#ifndef FSDP_H
+#define FSDP_H
+
+#ifndef FL_FFI
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#endif
+
+enum fl_status {
+    FL_OK = 0,
+    FL_EINVAL = -1,       /* bad argument: shape, dtype, option */
+    FL_ENOMEM = -2,
+    FL_EIO = -3,          /* file missing, truncated or malformed */
+    FL_ESTATE = -4,       /* called in the wrong state (backward twice, released storage) */
+    FL_EUNSUPPORTED = -5, /* valid request this build cannot do (device, dtype) */
+    FL_ECOMM = -6         /* a collective failed or timed out */
+};
+
+/* Pinned numbers: they are written into checkpoints' metadata. New ones go at the end. */
+enum fl_dtype {
+    FL_F32 = 0,
+    FL_F64 = 1,
+    FL_BF16 = 2,
+    FL_F16 = 3,
+    FL_I32 = 4,
+    FL_I64 = 5,
+    FL_U8 = 6,
+    FL_BOOL = 7,
+    FL_NDTYPES = 8
+};
+
+enum fl_device { FL_CPU = 0, FL_META = 1, FL_CUDA = 2 };
+
+/* What a storage's bytes are for, in memory accounting (fl_mem_*). */
+enum fl_mem_category {
+    FL_MEM_OTHER = 0,
+    FL_MEM_PARAM = 1,           /* parameters (sharded when FSDP is on) */
+    FL_MEM_PARAM_UNSHARDED = 2, /* gathered full weights */
+    FL_MEM_GRAD = 3,
+    FL_MEM_OPTIM = 4,
+    FL_MEM_ACTIVATION = 5,
+    FL_MEM_NCATEGORIES = 6
+};
+
+enum { FL_MAX_DIMS = 8 };
+
+typedef struct fl_storage fl_storage;
+typedef struct fl_node fl_node;
+
+/* A view on a storage. Fields are public for cheap reads from Lua; write them only through functions. */
+typedef struct fl_tensor {
+    int32_t refcount;
+    int32_t dtype;                 /* enum fl_dtype */
+    int32_t device;                /* enum fl_device */
+    int32_t ndim;
+    int64_t shape[FL_MAX_DIMS];
+    int64_t stride[FL_MAX_DIMS];   /* in elements */
+    int64_t offset;                /* in elements, from the start of the storage */
+    fl_storage *storage;           /* NULL only on meta tensors */
+    int32_t requires_grad;
+    int32_t out_index;             /* which output of grad_fn this is */
+    fl_node *grad_fn;              /* producer node (owned ref); NULL for leaves */
+    fl_node *grad_acc;             /* a leaf's accumulate node (owned ref), made on first use */
+    struct fl_tensor *grad;        /* a leaf's accumulated gradient (owned ref) */
+    void *hook;                    /* owner data for FSDP (not touched by the engine core) */
+} fl_tensor;
+
+/* ---- errors, version, threads ---- */
+const char *fl_last_error(void);            /* message of the last failure on this thread */
+const char *fl_version(void);
+void fl_set_num_threads(int32_t n);         /* OpenMP and OpenBLAS threads; n <= 0 means all cores */
+int32_t fl_get_num_threads(void);
+
+/* ---- dtypes ---- */
+size_t fl_dtype_size(int32_t dtype);
+const char *fl_dtype_name(int32_t dtype);   /* "f32", ...; "?" when unknown */
+int32_t fl_dtype_from_name(const char *name); /* -1 when unknown */
+float fl_bf16_to_f32(uint16_t h);
+uint16_t fl_f32_to_bf16(float f);           /* round to nearest even, NaN stays NaN */
+float fl_f16_to_f32(uint16_t h);
+uint16_t fl_f32_to_f16(float f);
+
+/* ---- tensor lifecycle (tensor.c) ---- */
+fl_tensor *fl_tensor_empty(int32_t ndim, const int64_t *shape, int32_t dtype, int32_t device); /* uninitialised; meta allocates nothing */
+fl_tensor *fl_tensor_zeros(int32_t ndim, const int64_t *shape, int32_t dtype, int32_t device);
+fl_tensor *fl_tensor_full(int32_t ndim, const int64_t *shape, int32_t dtype, double value);
+fl_tensor *fl_tensor_from_data(int32_t ndim, const int64_t *shape, int32_t dtype, const void *data); /* copies */
+fl_tensor *fl_tensor_arange(int64_t start, int64_t end, int32_t dtype);
+void fl_tensor_retain(fl_tensor *t);
+void fl_tensor_release(fl_tensor *t);       /* NULL-safe */
+int64_t fl_tensor_numel(const fl_tensor *t);
+bool fl_tensor_is_contiguous(const fl_tensor *t);
+void *fl_tensor_data(const fl_tensor *t);   /* address of element 0; NULL on meta or released storage */
+bool fl_tensor_has_data(const fl_tensor *t);
+/* Element read/write by flat row-major index, through the view's strides (slow; for Lua tolist/item). */
+double fl_tensor_get_flat(const fl_tensor *t, int64_t i);
+int fl_tensor_set_flat(fl_tensor *t, int64_t i, double v);
+int fl_tensor_copy_to_buffer(const fl_tensor *t, void *dst); /* row-major bytes of the view, in t's dtype */
+
+/* ---- storage: release and re-allocate under live tensors (FSDP reshard/unshard) ---- */
+int fl_tensor_storage_release(fl_tensor *t);    /* frees the bytes; every view of the storage keeps its metadata */
+int fl_tensor_storage_alloc(fl_tensor *t);      /* (re)allocates the bytes (uninitialised); meta becomes cpu */
+int fl_tensor_materialize(fl_tensor *t, int32_t device); /* meta -> device, zero-filled */
+void fl_tensor_set_category(fl_tensor *t, int32_t category); /* memory accounting of its storage */
+bool fl_tensor_same_storage(const fl_tensor *a, const fl_tensor *b);
+
+/* ---- memory accounting (storage.c) ---- */
+int64_t fl_mem_current(int32_t category);   /* bytes now allocated in that category */
+int64_t fl_mem_peak(int32_t category);
+void fl_mem_reset_peak(void);
+int64_t fl_mem_total_current(void);
+int64_t fl_mem_total_peak(void);
+int64_t fl_alloc_bytes_pending(void);       /* bytes allocated since the last fl_alloc_reset_pending: drives Lua's GC */
+void fl_alloc_reset_pending(void);
+
+/* ---- in-place data operations (no autograd) ---- */
+int fl_tensor_fill_(fl_tensor *t, double value);
+int fl_tensor_copy_(fl_tensor *dst, const fl_tensor *src); /* same shape (src may broadcast), casts dtype */
+/* Counter-based RNG: element i of a tensor named `name` depends only on (seed, name, elem_offset + i), so a
+ * rank filling rows [r0, r1) of a row-major tensor with elem_offset = r0 * row_len gets exactly those rows
+ * of the full initialisation. */
+int fl_tensor_normal_(fl_tensor *t, uint64_t seed, const char *name, int64_t elem_offset, double mean, double std);
+int fl_tensor_uniform_(fl_tensor *t, uint64_t seed, const char *name, int64_t elem_offset, double lo, double hi);
+uint64_t fl_rng_hash_name(const char *name);
+
+/* ---- autograd (autograd.c) ---- */
+void fl_grad_set_enabled(bool on);
+bool fl_grad_is_enabled(void);
+int fl_tensor_set_requires_grad(fl_tensor *t, bool on); /* leaves only */
+fl_tensor *fl_tensor_get_grad(const fl_tensor *t);      /* owned ref or NULL */
+int fl_tensor_set_grad(fl_tensor *t, fl_tensor *grad);  /* retains grad; NULL clears */
+fl_tensor *fl_detach(const fl_tensor *t);               /* shares storage, no grad_fn */
+/* Runs the graph below `root`. grad NULL means ones (root must then have one element). */
+int fl_backward(fl_tensor *root, const fl_tensor *grad, bool retain_graph);
+const char *fl_tensor_grad_fn_name(const fl_tensor *t); /* NULL for leaves */
+int64_t fl_autograd_live_nodes(void);                  /* nodes alive now (leak checks) */
+
+/* Custom nodes whose backward is a callback (activation checkpointing from Lua). The callback gets the
+ * node id, the output gradients (entries may be NULL = zero) and fills owned input gradients (NULL = none). */
+typedef int (*fl_custom_backward_fn)(int64_t id, int32_t n_out, fl_tensor *const *grad_out,
+                                     int32_t n_in, fl_tensor **grad_in);
+/* Records a node with inputs `ins` and outputs `outs` (the outputs get it as grad_fn). Returns 1 when
+ * recorded, 0 when no input needs grad or grad mode is off, negative on error. */
+int fl_custom_node(const char *name, int64_t id, fl_custom_backward_fn fn, int32_t n_in, fl_tensor *const *ins,
+                   int32_t n_out, fl_tensor *const *outs);
+
+/* ---- shape and copy ops, with autograd (ops_shape.c) ---- */
+fl_tensor *fl_view(const fl_tensor *t, int32_t ndim, const int64_t *shape);   /* one dim may be -1; copies when the strides do not allow a view */
+fl_tensor *fl_transpose(const fl_tensor *t, int32_t d0, int32_t d1);
+fl_tensor *fl_permute(const fl_tensor *t, int32_t ndim, const int32_t *dims);
+fl_tensor *fl_narrow(const fl_tensor *t, int32_t dim, int64_t start, int64_t length);
+fl_tensor *fl_expand(const fl_tensor *t, int32_t ndim, const int64_t *shape);
+fl_tensor *fl_contiguous(const fl_tensor *t);   /* retains t when already contiguous */
+fl_tensor *fl_cast(const fl_tensor *t, int32_t dtype);
+fl_tensor *fl_cat(int32_t n, fl_tensor *const *ts, int32_t dim);
+fl_tensor *fl_index_select(const fl_tensor *t, int32_t dim, const fl_tensor *index); /* index i64/i32 1-D */
+
+/* ---- elementwise (ops_elementwise.c); binary ops broadcast ---- */
+fl_tensor *fl_add(const fl_tensor *a, const fl_tensor *b);
+fl_tensor *fl_sub(const fl_tensor *a, const fl_tensor *b);
+fl_tensor *fl_mul(const fl_tensor *a, const fl_tensor *b);
+fl_tensor *fl_div(const fl_tensor *a, const fl_tensor *b);
+fl_tensor *fl_add_scaled(const fl_tensor *a, const fl_tensor *b, double alpha); /* a + alpha*b */
+fl_tensor *fl_scale(const fl_tensor *a, double s);     /* a * s */
+fl_tensor *fl_add_scalar(const fl_tensor *a, double s);
+fl_tensor *fl_pow_scalar(const fl_tensor *a, double p);
+fl_tensor *fl_neg(const fl_tensor *a);
+fl_tensor *fl_exp(const fl_tensor *a);
+fl_tensor *fl_log(const fl_tensor *a);
+fl_tensor *fl_sqrt(const fl_tensor *a);
+fl_tensor *fl_rsqrt(const fl_tensor *a);
+fl_tensor *fl_tanh(const fl_tensor *a);
+fl_tensor *fl_sigmoid(const fl_tensor *a);
+fl_tensor *fl_relu(const fl_tensor *a);
+int fl_add_(fl_tensor *a, const fl_tensor *b, double alpha);         /* in place, no autograd: a += alpha*b */
+
+/* ---- reductions (ops_reduce.c): fixed blocking, same bits for any thread count ---- */
+fl_tensor *fl_sum(const fl_tensor *t);                          /* all elements -> [] */
+fl_tensor *fl_mean(const fl_tensor *t);
+fl_tensor *fl_sum_dim(const fl_tensor *t, int32_t dim, bool keepdim);
+fl_tensor *fl_mean_dim(const fl_tensor *t, int32_t dim, bool keepdim);
+fl_tensor *fl_max_dim(const fl_tensor *t, int32_t dim, bool keepdim, fl_tensor **indices); /* indices optional (i64) */
+fl_tensor *fl_sum_to_shape(const fl_tensor *t, int32_t ndim, const int64_t *shape); /* reverse of broadcasting */
+double fl_sum_squares(const fl_tensor *t);                      /* f64 accumulate, no autograd */
+
+/* ---- matmul (ops_matmul.c, OpenBLAS) ---- */
+fl_tensor *fl_matmul(const fl_tensor *a, const fl_tensor *b);   /* [..., m, k] x [..., k, n] with batch broadcast; 1-D promoted */
+/* y = x W^T + b for Linear (w [out, in]); with w_in_out, y = x W + b for GPT-2's Conv1D (w [in, out]). b may be NULL. */
+fl_tensor *fl_linear(const fl_tensor *x, const fl_tensor *w, const fl_tensor *b, bool w_in_out);
+
+/* ---- normalisation and activations (ops_norm.c, ops_act.c) ---- */
+/* LayerNorm over the last dim (biased variance). w, b may be NULL. */
+fl_tensor *fl_layer_norm(const fl_tensor *x, const fl_tensor *w, const fl_tensor *b, double eps);
+/* RMSNorm as Hugging Face: x * rsqrt(mean(x^2) + eps), cast back to x's dtype, then times w (may be NULL). */
+fl_tensor *fl_rms_norm(const fl_tensor *x, const fl_tensor *w, double eps);
+fl_tensor *fl_gelu(const fl_tensor *x, bool tanh_approx);  /* exact erf GELU, or gelu_new / gelu_pytorch_tanh */
+fl_tensor *fl_silu(const fl_tensor *x);
+fl_tensor *fl_swiglu(const fl_tensor *gate, const fl_tensor *up); /* silu(gate) * up, fused */
+/* Dropout with a counter-based mask: element i is kept iff uniform(seed, key, i) >= p; kept values * 1/(1-p). */
+fl_tensor *fl_dropout(const fl_tensor *x, double p, uint64_t seed, uint64_t key);
+
+/* ---- softmax and losses (ops_softmax.c) ---- */
+fl_tensor *fl_softmax(const fl_tensor *x, int32_t dim);
+fl_tensor *fl_log_softmax(const fl_tensor *x, int32_t dim);
+/* Mean cross-entropy of logits [N, C] against targets [N] (i64/i32); targets equal to ignore_index are
+ * skipped; the mean is over the others (0/0 gives NaN, as PyTorch). Computed in f32 (f64 for f64 input). */
+fl_tensor *fl_cross_entropy(const fl_tensor *logits, const fl_tensor *targets, int64_t ignore_index);
+
+/* ---- embedding, RoPE, attention (ops_embed.c, ops_attn.c) ---- */
+fl_tensor *fl_embedding(const fl_tensor *weight, const fl_tensor *ids); /* weight [V, H], ids any shape -> [..., H] */
+/* RoPE, first-half/second-half convention (GPT-NeoX / HF rotate_half). x is [B, T, heads, hd] (any strides
+ * with the last dim contiguous); pos [T] i64 or NULL for 0..T-1; rotates the first rot_dim channels. */
+fl_tensor *fl_rope(const fl_tensor *x, const fl_tensor *pos, double theta, int32_t rot_dim);
+/* Causal scaled-dot-product attention with GQA. q [B, T, nH, hd], k and v [B, T, nKV, hd] (strided views
+ * allowed, last dim contiguous), nH a multiple of nKV (query head h uses kv head h / (nH/nKV)).
+ * window > 0 limits keys to i - window < j <= i. Returns [B, T, nH, hd] contiguous. */
+fl_tensor *fl_attention(const fl_tensor *q, const fl_tensor *k, const fl_tensor *v, double scale, int64_t window);
+
+/* ---- indexing for MoE (ops_index.c) ---- */
+fl_tensor *fl_topk(const fl_tensor *x, int64_t k, fl_tensor **indices);  /* over the last dim, sorted descending */
+fl_tensor *fl_gather(const fl_tensor *x, int32_t dim, const fl_tensor *index);
+fl_tensor *fl_scatter_add(const fl_tensor *base, int32_t dim, const fl_tensor *index, const fl_tensor *src);
+
+/* ---- optimizers (optim.c): fused loops over one parameter, the same f32 operation order as torch ---- */
+/* AdamW step on p (f32) with grad g and states m, v (f32, same numel). step is the 1-based step count. */
+int fl_adamw_step(fl_tensor *p, const fl_tensor *g, fl_tensor *m, fl_tensor *v, int64_t step, double lr,
+                  double beta1, double beta2, double eps, double weight_decay);
+/* SGD with momentum (buf may be NULL when momentum == 0); first step copies g into buf, as torch. */
+int fl_sgd_step(fl_tensor *p, const fl_tensor *g, fl_tensor *buf, int64_t step, double lr, double momentum,
+                double dampening, double weight_decay, bool nesterov);
+
+/* ---- safetensors (safetensors.c): bulk bytes in C, the JSON header is parsed in Lua ---- */
+/* Reads the 8-byte length and the JSON header; *header_len gets its size; returns a malloc'd string (free
+ * with fl_free) or NULL. */
+char *fl_st_read_header(const char *path, int64_t *header_len);
+/* Reads nbytes at byte offset `offset` of the file into t's storage (t contiguous, nbytes = its size in
+ * `file_dtype`), converting file_dtype -> t's dtype. */
+int fl_st_read_into(const char *path, int64_t offset, int32_t file_dtype, fl_tensor *t);
+/* Writes t's bytes (converted to file_dtype) at byte `offset` of an open-for-writing file (created if missing). */
+int fl_st_write_at(const char *path, int64_t offset, int32_t file_dtype, const fl_tensor *t);
+int fl_file_write_at(const char *path, int64_t offset, const void *data, int64_t nbytes);
+void fl_free(void *p);
+
+
+/* ---- normalisation and activations (ops_norm.c, ops_act.c) ---- */
+/* LayerNorm over the last dim (biased variance). w, b may be NULL. */
+fl_tensor *fl_layer_norm(const fl_tensor *x, const fl_tensor *w, const fl_tensor *b, double eps);
+/* RMSNorm as Hugging Face: x * rsqrt(mean(x^2) + eps), cast back to x's dtype, then times w (may be NULL). */
+fl_tensor *fl_rms_norm(const fl_tensor *x, const fl_tensor *w, double eps);
+fl_tensor *fl_gelu(const fl_tensor *x, bool tanh_approx);  /* exact erf GELU, or gelu_new / gelu_pytorch_tanh */
+fl_tensor *fl_silu(const fl_tensor *x);
+fl_tensor *fl_swiglu(const fl_tensor *gate, const fl_tensor *up); /* silu(gate) * up, fused */
+/* Dropout with a counter-based mask: element i is kept iff uniform(seed, key, i) >= p; kept values * 1/(1-p). */
+fl_tensor *fl_dropout(const fl_tensor *x, double p, uint64_t seed, uint64_t key);
+
+/* ---- softmax and losses (ops_softmax.c) ---- */
+fl_tensor *fl_softmax(const fl_tensor *x, int32_t dim);
+fl_tensor *fl_log_softmax(const fl_tensor *x, int32_t dim);
+/* Mean cross-entropy of logits [N, C] against targets [N] (i64/i32); targets equal to ignore_index are
+ * skipped; the mean is over the others (0/0 gives NaN, as PyTorch). Computed in f32 (f64 for f64 input). */
+fl_tensor *fl_cross_entropy(const fl_tensor *logits, const fl_tensor *targets, int64_t ignore_index);
+
+/* ---- embedding, RoPE, attention (ops_embed.c, ops_attn.c) ---- */
+fl_tensor *fl_embedding(const fl_tensor *weight, const fl_tensor *ids); /* weight [V, H], ids any shape -> [..., H] */
+/* RoPE, first-half/second-half convention (GPT-NeoX / HF rotate_half). x is [B, T, heads, hd] (any strides
+ * with the last dim contiguous); pos [T] i64 or NULL for 0..T-1; rotates the first rot_dim channels. */
+fl_tensor *fl_rope(const fl_tensor *x, const fl_tensor *pos, double theta, int32_t rot_dim);
+/* Causal scaled-dot-product attention with GQA. q [B, T, nH, hd], k and v [B, T, nKV, hd] (strided views
+ * allowed, last dim contiguous), nH a multiple of nKV (query head h uses kv head h / (nH/nKV)).
+ * window > 0 limits keys to i - window < j <= i. Returns [B, T, nH, hd] contiguous. */
+fl_tensor *fl_attention(const fl_tensor *q, const fl_tensor *k, const fl_tensor *v, double scale, int64_t window);
+
+/* ---- indexing for MoE (ops_index.c) ---- */
+fl_tensor *fl_topk(const fl_tensor *x, int64_t k, fl_tensor **indices);  /* over the last dim, sorted descending */
+fl_tensor *fl_gather(const fl_tensor *x, int32_t dim, const fl_tensor *index);
+fl_tensor *fl_scatter_add(const fl_tensor *base, int32_t dim, const fl_tensor *index, const fl_tensor *src);
+
+/* ---- optimizers (optim.c): fused loops over one parameter, the same f32 operation order as torch ---- */
+/* AdamW step on p (f32) with grad g and states m, v (f32, same numel). step is the 1-based step count. */
+int fl_adamw_step(fl_tensor *p, const fl_tensor *g, fl_tensor *m, fl_tensor *v, int64_t step, double lr,
+                  double beta1, double beta2, double eps, double weight_decay);
+/* SGD with momentum (buf may be NULL when momentum == 0); first step copies g into buf, as torch. */
+int fl_sgd_step(fl_tensor *p, const fl_tensor *g, fl_tensor *buf, int64_t step, double lr, double momentum,
+                double dampening, double weight_decay, bool nesterov);
+
+/* ---- safetensors (safetensors.c): bulk bytes in C, the JSON header is parsed in Lua ---- */
+/* Reads the 8-byte length and the JSON header; *header_len gets its size; returns a malloc'd string (free
+ * with fl_free) or NULL. */
+char *fl_st_read_header(const char *path, int64_t *header_len);
+/* Reads nbytes at byte offset `offset` of the file into t's storage (t contiguous, nbytes = its size in
+ * `file_dtype`), converting file_dtype -> t's dtype. */
+int fl_st_read_into(const char *path, int64_t offset, int32_t file_dtype, fl_tensor *t);
+/* Writes t's bytes (converted to file_dtype) at byte `offset` of an open-for-writing file (created if missing). */
+int fl_st_write_at(const char *path, int64_t offset, int32_t file_dtype, const fl_tensor *t);
+int fl_file_write_at(const char *path, int64_t offset, const void *data, int64_t nbytes);
+void fl_free(void *p);
+
+#endif

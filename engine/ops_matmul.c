@@ -1,0 +1,211 @@
+/* engine/ops_matmul.c: matmul (batched, broadcasting) and linear (Linear [out, in] and GPT-2 Conv1D
+ * [in, out] layouts) through OpenBLAS, with backward. OpenBLAS splits GEMMs over M and N, never K, so the
+ * results do not depend on the thread count. */
+#include "internal.h"
+
+#include <cblas.h>
+
+/* C[m,n] = alpha * op(A) op(B) + beta * C for f32/f64, row-major with leading dims. */
+static void gemm(int32_t dt, bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha, const void *a, int64_t lda,
+                 const void *b, int64_t ldb, double beta, void *c, int64_t ldc) {
+    if (m == 0 || n == 0) return;
+    if (k == 0) {  /* BLAS leaves C untouched for k = 0 only when beta = 1 */
+        for (int64_t i = 0; i < m; i++)
+            for (int64_t j = 0; j < n; j++) {
+                if (dt == FL_F32) ((float *)c)[i * ldc + j] *= (float)beta;
+                else ((double *)c)[i * ldc + j] *= beta;
+            }
+        return;
+    }
+    if (dt == FL_F32)
+        cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, (blasint)m, (blasint)n,
+                    (blasint)k, (float)alpha, a, (blasint)lda, b, (blasint)ldb, (float)beta, c, (blasint)ldc);
+    else
+        cblas_dgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, (blasint)m, (blasint)n,
+                    (blasint)k, alpha, a, (blasint)lda, b, (blasint)ldb, beta, c, (blasint)ldc);
+}
+
+void fl_gemm(int32_t dt, bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha, const void *a, int64_t lda,
+             const void *b, int64_t ldb, double beta, void *c, int64_t ldc) {
+    gemm(dt, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+/* ---- matmul ---- */
+
+/* Raw batched product of contiguous a [Ba..., m, k] and b [Bb..., k, n] (batch dims broadcast), no autograd.
+ * ta/tb transpose the last two dims of a/b as stored. */
+static fl_tensor *matmul_raw(const fl_tensor *a0, const fl_tensor *b0, bool ta, bool tb) {
+    fl_tensor *a = fl_contiguous(a0), *b = fl_contiguous(b0);
+    fl_tensor *out = NULL;
+    if (!a || !b) goto done;
+    int32_t na = a->ndim, nb = b->ndim;
+    int64_t m = ta ? a->shape[na - 1] : a->shape[na - 2], k = ta ? a->shape[na - 2] : a->shape[na - 1];
+    int64_t kb = tb ? b->shape[nb - 1] : b->shape[nb - 2], n = tb ? b->shape[nb - 2] : b->shape[nb - 1];
+    if (k != kb) { fl_fail(FL_EINVAL, "matmul: shapes %s and %s do not align (%" PRId64 " vs %" PRId64 ")", fl_shape_str(a0), fl_shape_str(b0), k, kb); goto done; }
+    int32_t bd = (na > nb ? na : nb) - 2;
+    int64_t bshape[FL_MAX_DIMS], sa[FL_MAX_DIMS], sb[FL_MAX_DIMS], nbatch = 1;
+    int64_t stra = m * k, strb = k * n;
+    /* batch strides in units of matrices */
+    for (int32_t d = bd - 1, da = na - 3, db = nb - 3, acc_a = 1, acc_b = 1; d >= 0; d--, da--, db--) {
+        int64_t xa = da >= 0 ? a->shape[da] : 1, xb = db >= 0 ? b->shape[db] : 1;
+        if (xa != xb && xa != 1 && xb != 1) { fl_fail(FL_EINVAL, "matmul: batch dims of %s and %s do not broadcast", fl_shape_str(a0), fl_shape_str(b0)); goto done; }
+        bshape[d] = xa > xb ? xa : xb;
+        sa[d] = xa == 1 ? 0 : acc_a;
+        sb[d] = xb == 1 ? 0 : acc_b;
+        acc_a *= (int32_t)xa;
+        acc_b *= (int32_t)xb;
+        nbatch *= bshape[d];
+    }
+    int64_t oshape[FL_MAX_DIMS];
+    memcpy(oshape, bshape, sizeof(int64_t) * (size_t)bd);
+    oshape[bd] = m;
+    oshape[bd + 1] = n;
+    out = fl_tensor_empty(bd + 2, oshape, a->dtype, FL_CPU);
+    if (!out) goto done;
+    size_t es = fl_dtype_size(a->dtype);
+    const char *pa = fl_tensor_data(a), *pb = fl_tensor_data(b);
+    char *po = fl_tensor_data(out);
+    int64_t lda = a->shape[na - 1], ldb = b->shape[nb - 1];
+    /* Many small matrices: one BLAS call per thread's batch, BLAS single-threaded inside the parallel region. */
+    #pragma omp parallel for schedule(static) if (nbatch > 1 && m * n * k * nbatch > 262144)
+    for (int64_t i = 0; i < nbatch; i++) {
+        int64_t rem = i, ia = 0, ib = 0;
+        for (int32_t d = bd - 1; d >= 0; d--) { int64_t x = rem % bshape[d]; rem /= bshape[d]; ia += x * sa[d]; ib += x * sb[d]; }
+        gemm(a->dtype, ta, tb, m, n, k, 1.0, pa + (size_t)(ia * stra) * es, lda, pb + (size_t)(ib * strb) * es, ldb, 0.0,
+             po + (size_t)(i * m * n) * es, n);
+    }
+done:
+    fl_tensor_release(a);
+    fl_tensor_release(b);
+    return out;
+}
+
+static fl_tensor *reduce_into(fl_tensor *g, const fl_node *n, int32_t slot) {
+    if (!g) return NULL;
+    fl_tensor *r = fl_sum_to_shape(g, n->in_ndim[slot], n->in_shape[slot]);
+    fl_tensor_release(g);
+    return r;
+}
+
+static int matmul_backward(fl_node *n, fl_tensor *const *go, fl_tensor **gi) {
+    if (!go[0]) return FL_OK;
+    const fl_tensor *a = n->saved[0], *b = n->saved[1];
+    if (fl_node_needs(n, 0) && !(gi[0] = reduce_into(matmul_raw(go[0], b, false, true), n, 0))) return FL_EINVAL;
+    if (fl_node_needs(n, 1) && !(gi[1] = reduce_into(matmul_raw(a, go[0], true, false), n, 1))) return FL_EINVAL;
+    return FL_OK;
+}
+
+fl_tensor *fl_matmul(const fl_tensor *a, const fl_tensor *b) {
+    if (fl_check_float("matmul", a) < 0 || fl_check_float("matmul", b) < 0 || fl_check_same_dtype("matmul", a, b) < 0) return NULL;
+    if (a->ndim == 0 || b->ndim == 0) return fl_fail_null(FL_EINVAL, "matmul: scalar operand (%s, %s)", fl_shape_str(a), fl_shape_str(b));
+    /* 1-D operands: promote to matrices, then drop the added dim, as torch.matmul. */
+    fl_tensor *a2 = NULL, *b2 = NULL, *out = NULL;
+    if (a->ndim == 1) { int64_t s[2] = {1, a->shape[0]}; a2 = fl_view(a, 2, s); }
+    else { a2 = (fl_tensor *)a; fl_tensor_retain(a2); }
+    if (b->ndim == 1) { int64_t s[2] = {b->shape[0], 1}; b2 = fl_view(b, 2, s); }
+    else { b2 = (fl_tensor *)b; fl_tensor_retain(b2); }
+    if (!a2 || !b2) goto done;
+    if (a2->ndim > FL_MAX_DIMS || b2->ndim > FL_MAX_DIMS) goto done;
+    out = matmul_raw(a2, b2, false, false);
+    if (!out) goto done;
+    const fl_tensor *ins[2] = {a2, b2};
+    fl_node *n = fl_record("matmul", matmul_backward, 2, ins, out);
+    if (n) { fl_node_save(n, a2); fl_node_save(n, b2); }
+    if (a->ndim == 1 || b->ndim == 1) {
+        int64_t s[FL_MAX_DIMS];
+        int32_t nd = 0;
+        for (int32_t d = 0; d < out->ndim; d++) {
+            if (a->ndim == 1 && d == out->ndim - 2) continue;
+            if (b->ndim == 1 && d == out->ndim - 1) continue;
+            s[nd++] = out->shape[d];
+        }
+        fl_tensor *v = fl_view(out, nd, s);
+        fl_tensor_release(out);
+        out = v;
+    }
+done:
+    fl_tensor_release(a2);
+    fl_tensor_release(b2);
+    return out;
+}
+
+/* ---- linear ---- */
+
+/* x [M, in] contiguous; w [out, in] (or [in, out] when in_out); y [M, out]. */
+static int linear_backward(fl_node *n, fl_tensor *const *go, fl_tensor **gi) {
+    if (!go[0]) return FL_OK;
+    const fl_tensor *x = n->saved[0], *w = n->saved[1];
+    bool in_out = n->i[0] != 0;
+    int32_t dt = go[0]->dtype;
+    fl_tensor *g = fl_contiguous(go[0]);
+    if (!g) return FL_ENOMEM;
+    int64_t in = x->shape[x->ndim - 1], M = fl_tensor_numel(x) / (in ? in : 1), out = g->shape[g->ndim - 1];
+    int rc = FL_OK;
+    if (fl_node_needs(n, 0)) {  /* dx = dy W  ([M,out] x [out,in]), Conv1D: dy W^T */
+        fl_tensor *dx = fl_tensor_empty(n->in_ndim[0], n->in_shape[0], dt, FL_CPU);
+        if (!dx) { rc = FL_ENOMEM; goto done; }
+        gemm(dt, false, in_out, M, in, out, 1.0, fl_tensor_data(g), out, fl_tensor_data(w), in_out ? out : in, 0.0, fl_tensor_data(dx), in);
+        gi[0] = dx;
+    }
+    if (fl_node_needs(n, 1)) {  /* dW = dy^T x ([out,M] x [M,in]); Conv1D: x^T dy */
+        fl_tensor *dw = fl_tensor_empty(w->ndim, w->shape, dt, FL_CPU);
+        if (!dw) { rc = FL_ENOMEM; goto done; }
+        if (in_out) gemm(dt, true, false, in, out, M, 1.0, fl_tensor_data(x), in, fl_tensor_data(g), out, 0.0, fl_tensor_data(dw), out);
+        else gemm(dt, true, false, out, in, M, 1.0, fl_tensor_data(g), out, fl_tensor_data(x), in, 0.0, fl_tensor_data(dw), in);
+        gi[1] = dw;
+    }
+    if (n->n_in > 2 && fl_node_needs(n, 2)) {  /* db = column sums of dy */
+        int64_t s2[2] = {M, out};
+        fl_tensor *g2 = fl_view(g, 2, s2);
+        gi[2] = g2 ? fl_sum_dim(g2, 0, false) : NULL;
+        fl_tensor_release(g2);
+        if (!gi[2]) rc = FL_EINVAL;
+    }
+done:
+    fl_tensor_release(g);
+    return rc;
+}
+
+fl_tensor *fl_linear(const fl_tensor *x, const fl_tensor *w, const fl_tensor *b, bool w_in_out) {
+    if (fl_check_float("linear", x) < 0 || fl_check_float("linear", w) < 0 || fl_check_same_dtype("linear", x, w) < 0) return NULL;
+    if (b && (fl_check_float("linear", b) < 0 || fl_check_same_dtype("linear", x, b) < 0)) return NULL;
+    if (w->ndim != 2) return fl_fail_null(FL_EINVAL, "linear: weight must be 2-D, got %s", fl_shape_str(w));
+    if (x->ndim < 1) return fl_fail_null(FL_EINVAL, "linear: input must have at least 1 dim");
+    int64_t in = x->shape[x->ndim - 1], out = w_in_out ? w->shape[1] : w->shape[0], win = w_in_out ? w->shape[0] : w->shape[1];
+    if (in != win)
+        return fl_fail_null(FL_EINVAL, "linear: input %s has %" PRId64 " features, weight %s (%s) expects %" PRId64,
+                            fl_shape_str(x), in, fl_shape_str(w), w_in_out ? "Conv1D [in, out]" : "Linear [out, in]", win);
+    if (b && (b->ndim != 1 || b->shape[0] != out))
+        return fl_fail_null(FL_EINVAL, "linear: bias %s does not match %" PRId64 " outputs", fl_shape_str(b), out);
+    fl_tensor *xc = fl_contiguous(x), *wc = fl_contiguous(w), *bc = b ? fl_contiguous(b) : NULL, *y = NULL;
+    if (!xc || !wc || (b && !bc)) goto done;
+    int64_t M = fl_tensor_numel(x) / (in ? in : 1);
+    int64_t yshape[FL_MAX_DIMS];
+    memcpy(yshape, x->shape, sizeof(int64_t) * (size_t)x->ndim);
+    yshape[x->ndim - 1] = out;
+    y = fl_tensor_empty(x->ndim, yshape, x->dtype, FL_CPU);
+    if (!y) goto done;
+    size_t es = fl_dtype_size(x->dtype);
+    char *py = fl_tensor_data(y);
+    if (bc) {
+        #pragma omp parallel for schedule(static) if (M * out > FL_PAR_MIN)
+        for (int64_t r = 0; r < M; r++) memcpy(py + (size_t)(r * out) * es, fl_tensor_data(bc), (size_t)out * es);
+    }
+    gemm(x->dtype, false, !w_in_out, M, out, in, 1.0, fl_tensor_data(xc), in, fl_tensor_data(wc), w_in_out ? out : in,
+         bc ? 1.0 : 0.0, py, out);
+    const fl_tensor *ins[3] = {x, w, b};
+    fl_node *n = fl_record("linear", linear_backward, b ? 3 : 2, ins, y);
+    if (n) {
+        fl_tensor *xd = fl_detach(xc), *wd = fl_detach(wc);
+        fl_node_save(n, xd);
+        fl_node_save(n, wd);
+        fl_tensor_release(xd);
+        fl_tensor_release(wd);
+        n->i[0] = w_in_out;
+    }
+done:
+    fl_tensor_release(xc);
+    fl_tensor_release(wc);
+    fl_tensor_release(bc);
+    return y;
+}

@@ -1,0 +1,22 @@
+/* engine/parallel.c: the thread count shared by our OpenMP loops and OpenBLAS. */
+#include "internal.h"
+
+#include <omp.h>
+#include <unistd.h>
+
+void openblas_set_num_threads(int num_threads);
+
+static int32_t num_threads = 0;
+
+void fl_set_num_threads(int32_t n) {
+    if (n <= 0) n = (int32_t)sysconf(_SC_NPROCESSORS_ONLN);
+    if (n < 1) n = 1;
+    num_threads = n;
+    omp_set_num_threads(n);
+    openblas_set_num_threads(n);
+}
+
+int32_t fl_get_num_threads(void) {
+    if (num_threads == 0) num_threads = omp_get_max_threads();
+    return num_threads;
+}

@@ -1,0 +1,58 @@
+-- lua/fsdp/init.lua: `require "fsdp"` — the public API (DESIGN §11). Submodules load on first use.
+local core   = require "fsdp.core"
+local Tensor = require "fsdp.tensor"
+local basic  = require "fsdp.ops.basic"
+
+local C = core.C
+local fsdp = {}
+
+fsdp.C = C
+fsdp.Tensor = Tensor
+fsdp.tensor = Tensor.new
+fsdp.empty, fsdp.zeros, fsdp.ones, fsdp.full = Tensor.empty, Tensor.zeros, Tensor.ones, Tensor.full
+fsdp.randn, fsdp.rand, fsdp.arange = Tensor.randn, Tensor.rand, Tensor.arange
+fsdp.is_tensor = Tensor.is_tensor
+fsdp.version = function() return require("ffi").string(C.fl_version()) end
+
+function fsdp.set_num_threads(n) C.fl_set_num_threads(n) end
+function fsdp.get_num_threads() return C.fl_get_num_threads() end
+
+local function finish_scope(was, ok, ...)
+  C.fl_grad_set_enabled(was)
+  if not ok then error((...), 0) end
+  return ...
+end
+
+-- no_grad(fn, ...) runs fn with autograd off and returns its results; errors restore the mode.
+function fsdp.no_grad(fn, ...)
+  local was = C.fl_grad_is_enabled()
+  C.fl_grad_set_enabled(false)
+  return finish_scope(was, pcall(fn, ...))
+end
+
+function fsdp.enable_grad(fn, ...)
+  local was = C.fl_grad_is_enabled()
+  C.fl_grad_set_enabled(true)
+  return finish_scope(was, pcall(fn, ...))
+end
+
+function fsdp.is_grad_enabled() return C.fl_grad_is_enabled() end
+
+-- The functional namespace: basic ops now, nn ops (fsdp.ops.nn) when present.
+fsdp.F = setmetatable({}, {__index = basic})
+
+local lazy = {
+  nn = "fsdp.nn", models = "fsdp.models", optim = "fsdp.optim", data = "fsdp.data",
+  checkpoint = "fsdp.checkpoint", safetensors = "fsdp.safetensors", autograd = "fsdp.autograd",
+}
+setmetatable(fsdp, {__index = function(t, k)
+  local mod = lazy[k]
+  if mod then
+    local v = require(mod)
+    rawset(t, k, v)
+    return v
+  end
+  return nil
+end})
+
+return fsdp

@@ -1,0 +1,313 @@
+-- lua/fsdp/tensor.lua: the Tensor class, a Lua handle on an engine fl_tensor. Arithmetic operators, shape
+-- methods, element access and printing live here; the neural-network ops are in fsdp.ops, which adds
+-- methods to this class.
+local ffi  = require "ffi"
+local core = require "fsdp.core"
+
+local C = core.C
+local dtype_names, device_names = core.dtype_names, core.device_names
+
+local Tensor = {}
+local methods = {}
+Tensor.methods = methods
+
+local shape_buf = ffi.new("int64_t[8]")
+local dims_buf = ffi.new("int32_t[8]")
+
+-- The engine's allocation counter drives the collector: a dead Lua handle can pin megabytes that Lua's GC
+-- does not see, so every GC_BUDGET bytes allocated by the engine we run a full collection.
+local GC_BUDGET = 256 * 1024 * 1024
+local release = C.fl_tensor_release
+
+local function wrap(p)
+  if C.fl_alloc_bytes_pending() > GC_BUDGET then
+    C.fl_alloc_reset_pending()
+    collectgarbage("collect")
+  end
+  return setmetatable({_p = ffi.gc(p, release)}, Tensor)
+end
+Tensor.wrap = wrap
+
+-- Wraps an owned pointer, raising the engine's error (naming `what`) when it is NULL.
+local function own(p, what)
+  if p == nil then error(core.last_error(), 3) end  -- engine messages name the op already
+  return wrap(p)
+end
+Tensor.own = own
+
+local function is_tensor(x) return getmetatable(x) == Tensor end
+Tensor.is_tensor = is_tensor
+
+local function ptr(t, what, argn)
+  if getmetatable(t) ~= Tensor then
+    error(("%s: argument %d must be a tensor, got %s"):format(what, argn or 1, type(t)), 3)
+  end
+  local p = t._p
+  if p == nil then error(what .. ": tensor was freed", 3) end
+  return p
+end
+Tensor.ptr = ptr
+
+local function fill_shape(shape, what)
+  if type(shape) ~= "table" then error(("%s: shape must be a table of sizes, got %s"):format(what, type(shape)), 3) end
+  local n = #shape
+  if n > 8 then error(("%s: %d dims (at most 8)"):format(what, n), 3) end
+  for i = 1, n do
+    local s = shape[i]
+    if type(s) ~= "number" or s ~= math.floor(s) then
+      error(("%s: size %d is %s, expected an integer"):format(what, i, tostring(s)), 3)
+    end
+    shape_buf[i - 1] = s
+  end
+  return n, shape_buf
+end
+Tensor.fill_shape = fill_shape
+
+-- ---- properties (t.dtype, t.device, t.grad, t.requires_grad, t.grad_fn) ----
+local props = {
+  dtype = function(t) return dtype_names[t._p.dtype] end,
+  device = function(t) return device_names[t._p.device] end,
+  requires_grad = function(t) return t._p.requires_grad ~= 0 end,
+  grad = function(t)
+    local g = C.fl_tensor_get_grad(t._p)
+    if g == nil then return nil end
+    return wrap(g)
+  end,
+  grad_fn = function(t)
+    local s = C.fl_tensor_grad_fn_name(t._p)
+    return s ~= nil and ffi.string(s) or nil
+  end,
+  ndim = function(t) return t._p.ndim end,
+}
+
+Tensor.__index = function(t, k)
+  local m = methods[k]
+  if m then return m end
+  local p = props[k]
+  if p then
+    if rawget(t, "_p") == nil then error("tensor was freed", 2) end
+    return p(t)
+  end
+  return nil
+end
+
+Tensor.__newindex = function(t, k, v)
+  if k == "requires_grad" then
+    core.check(C.fl_tensor_set_requires_grad(ptr(t, "requires_grad"), v and true or false), nil, 2)
+  elseif k == "grad" then
+    core.check(C.fl_tensor_set_grad(ptr(t, "grad"), v and ptr(v, "grad") or nil), nil, 2)
+  else
+    error(("tensor: cannot set field '%s'"):format(tostring(k)), 2)
+  end
+end
+
+-- ---- constructors ----
+local function parse_opts(what, opts)
+  opts = core.check_opts(what, opts, {dtype = true, device = true, requires_grad = true, seed = true, name = true, std = true, mean = true}, 3)
+  return core.dtype_id(opts.dtype or "f32", what), core.device_id(opts.device or "cpu", what), opts
+end
+
+local function finish(t, opts)
+  if opts.requires_grad then t.requires_grad = true end
+  return t
+end
+
+function Tensor.empty(shape, opts)
+  local dt, dev, o = parse_opts("empty", opts)
+  local n, sb = fill_shape(shape, "empty")
+  return finish(own(C.fl_tensor_empty(n, sb, dt, dev), "empty"), o)
+end
+
+function Tensor.zeros(shape, opts)
+  local dt, dev, o = parse_opts("zeros", opts)
+  local n, sb = fill_shape(shape, "zeros")
+  return finish(own(C.fl_tensor_zeros(n, sb, dt, dev), "zeros"), o)
+end
+
+function Tensor.full(shape, value, opts)
+  local dt, dev, o = parse_opts("full", opts)
+  local n, sb = fill_shape(shape, "full")
+  local t
+  if dev == 1 then t = own(C.fl_tensor_empty(n, sb, dt, dev), "full")
+  else t = own(C.fl_tensor_full(n, sb, dt, value), "full") end
+  return finish(t, o)
+end
+
+function Tensor.ones(shape, opts) return Tensor.full(shape, 1, opts) end
+
+-- randn/rand use the counter-based RNG: the values depend on (seed, name, index) only.
+function Tensor.randn(shape, opts)
+  local dt, dev, o = parse_opts("randn", opts)
+  local n, sb = fill_shape(shape, "randn")
+  local t = own(C.fl_tensor_empty(n, sb, dt, dev), "randn")
+  core.check(C.fl_tensor_normal_(t._p, o.seed or 0, o.name or "randn", 0, o.mean or 0, o.std or 1), "randn", 2)
+  return finish(t, o)
+end
+
+function Tensor.rand(shape, opts)
+  local dt, dev, o = parse_opts("rand", opts)
+  local n, sb = fill_shape(shape, "rand")
+  local t = own(C.fl_tensor_empty(n, sb, dt, dev), "rand")
+  core.check(C.fl_tensor_uniform_(t._p, o.seed or 0, o.name or "rand", 0, 0, 1), "rand", 2)
+  return finish(t, o)
+end
+
+function Tensor.arange(a, b, opts)
+  if b == nil or type(b) == "table" then a, b, opts = 0, a, b end
+  local dt = parse_opts("arange", opts)
+  return own(C.fl_tensor_arange(a, b, dt), "arange")
+end
+
+-- fsdp.tensor(number | nested table, {dtype=}): nested tables give the shape by nesting.
+function Tensor.new(data, opts)
+  local dt, _, o = parse_opts("tensor", opts)
+  if type(data) == "number" or type(data) == "boolean" then
+    local t = own(C.fl_tensor_full(0, shape_buf, dt, type(data) == "boolean" and (data and 1 or 0) or data), "tensor")
+    return finish(t, o)
+  end
+  if type(data) ~= "table" then error(("tensor: expected a number or a table, got %s"):format(type(data)), 2) end
+  local shape, x = {}, data
+  while type(x) == "table" do
+    shape[#shape + 1] = #x
+    x = x[1]
+    if #shape > 8 then error("tensor: more than 8 levels of nesting", 2) end
+  end
+  local flat = {}
+  local function walk(v, d, where)
+    if d > #shape then
+      if type(v) ~= "number" then error(("tensor: element %s is %s, expected a number"):format(where, type(v)), 4) end
+      flat[#flat + 1] = v
+      return
+    end
+    if type(v) ~= "table" or #v ~= shape[d] then
+      error(("tensor: ragged nesting at %s (expected %d elements)"):format(where, shape[d]), 4)
+    end
+    for i = 1, #v do walk(v[i], d + 1, where .. "[" .. i .. "]") end
+  end
+  walk(data, 1, "")
+  local n, sb = fill_shape(shape, "tensor")
+  local t = own(C.fl_tensor_empty(n, sb, dt, 0), "tensor")
+  local p = t._p
+  for i = 1, #flat do C.fl_tensor_set_flat(p, i - 1, flat[i]) end
+  return finish(t, o)
+end
+
+-- ---- reading ----
+function methods.shape(t)
+  local p = ptr(t, "shape")
+  local s = {}
+  for i = 0, p.ndim - 1 do s[i + 1] = tonumber(p.shape[i]) end
+  return s
+end
+
+function methods.size(t, d)
+  local p = ptr(t, "size")
+  if d == nil then return t:shape() end
+  local nd = p.ndim
+  local i = d < 0 and nd + d or d - 1
+  if i < 0 or i >= nd then error(("size: dim %d out of range for a %d-d tensor"):format(d, nd), 2) end
+  return tonumber(p.shape[i])
+end
+
+function methods.dim(t) return ptr(t, "dim").ndim end
+function methods.numel(t) return tonumber(C.fl_tensor_numel(ptr(t, "numel"))) end
+function methods.is_contiguous(t) return C.fl_tensor_is_contiguous(ptr(t, "is_contiguous")) end
+function methods.has_data(t) return C.fl_tensor_has_data(ptr(t, "has_data")) end
+
+function methods.shape_str(t)
+  return "[" .. table.concat(t:shape(), ", ") .. "]"
+end
+
+function methods.item(t)
+  local p = ptr(t, "item")
+  if C.fl_tensor_numel(p) ~= 1 then
+    error(("item: tensor %s has %d elements, expected 1"):format(t:shape_str(), t:numel()), 2)
+  end
+  if not C.fl_tensor_has_data(p) then error("item: tensor has no data (meta or released)", 2) end
+  return tonumber(C.fl_tensor_get_flat(p, 0))
+end
+
+function methods.get(t, i)   -- flat row-major index, 0-based
+  return tonumber(C.fl_tensor_get_flat(ptr(t, "get"), i))
+end
+
+function methods.set(t, i, v)
+  core.check(C.fl_tensor_set_flat(ptr(t, "set"), i, v), nil, 2)
+end
+
+function methods.tolist(t)
+  local p = ptr(t, "tolist")
+  if not C.fl_tensor_has_data(p) then error("tolist: tensor has no data (meta or released)", 2) end
+  local shape, k = t:shape(), 0
+  local function build(d)
+    if d > #shape then
+      local v = tonumber(C.fl_tensor_get_flat(p, k)); k = k + 1; return v
+    end
+    local r = {}
+    for i = 1, shape[d] do r[i] = build(d + 1) end
+    return r
+  end
+  if #shape == 0 then return tonumber(C.fl_tensor_get_flat(p, 0)) end
+  return build(1)
+end
+
+-- A flat Lua array of all values (row-major).
+function methods.totable(t)
+  local p = ptr(t, "totable")
+  local n = tonumber(C.fl_tensor_numel(p))
+  local r = {}
+  for i = 0, n - 1 do r[i + 1] = tonumber(C.fl_tensor_get_flat(p, i)) end
+  return r
+end
+
+-- Raw pointer to element 0 (contiguous tensors only), for bulk access from Lua.
+function methods.data_ptr(t, ctype)
+  local p = ptr(t, "data_ptr")
+  local d = C.fl_tensor_data(p)
+  if d == nil then error("data_ptr: tensor has no data (meta or released)", 2) end
+  return ffi.cast(ctype or "void *", d)
+end
+
+-- Releases the engine memory now instead of waiting for the collector.
+function methods.free(t)
+  local p = rawget(t, "_p")
+  if p ~= nil then
+    ffi.gc(p, nil)
+    release(p)
+    rawset(t, "_p", nil)
+  end
+end
+
+-- ---- printing ----
+local function fmt_num(v, dt)
+  if dt == "i32" or dt == "i64" or dt == "u8" or dt == "bool" then return ("%d"):format(v) end
+  if v ~= v then return "nan" end
+  if v == math.huge then return "inf" elseif v == -math.huge then return "-inf" end
+  return ("%.4g"):format(v)
+end
+
+function Tensor.__tostring(t)
+  local p = rawget(t, "_p")
+  if p == nil then return "tensor(freed)" end
+  local shape, dt, dev = t:shape(), t.dtype, t.device
+  local head = ("tensor(%s, %s, %s%s)"):format(t:shape_str(), dt, dev, t.requires_grad and ", requires_grad" or "")
+  if not C.fl_tensor_has_data(p) then return head .. (dev == "meta" and "" or " <released>") end
+  -- Abbreviate: at most 3 leading and 3 trailing entries per dim.
+  local strides, n = {}, 1
+  for d = #shape, 1, -1 do strides[d] = n; n = n * shape[d] end
+  local function render(d, off, indent)
+    if d > #shape then return fmt_num(tonumber(C.fl_tensor_get_flat(p, off)), dt) end
+    local parts, len = {}, shape[d]
+    for i = 0, len - 1 do
+      if len > 6 and i == 3 then parts[#parts + 1] = "..." end
+      if len <= 6 or i < 3 or i >= len - 3 then
+        parts[#parts + 1] = render(d + 1, off + i * strides[d], indent .. " ")
+      end
+    end
+    local sep = d == #shape and ", " or (",\n" .. indent .. " ")
+    return "[" .. table.concat(parts, sep) .. "]"
+  end
+  return head .. "\n" .. render(1, 0, "")
+end
+
+return Tensor
