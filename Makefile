@@ -19,8 +19,8 @@ NVCC    ?= nvcc
 CUDA_HOME ?= /usr/local/cuda
 KERNEL_SRC := $(wildcard kernels/*.cu)
 KERNEL_OBJ := $(patsubst kernels/%.cu,$(BUILD)/cuda/%.o,$(KERNEL_SRC))
-CFLAGS  += -DFL_CUDA=1 -I$(CUDA_HOME)/include
-LDLIBS  += -L$(CUDA_HOME)/lib64 -lcudart -lcublas
+CFLAGS  += -DFL_WITH_CUDA=1 -I$(CUDA_HOME)/include
+LDLIBS  += -L$(CUDA_HOME)/lib64 -lcudart -lcublas -lstdc++  # nvcc host code needs the C++ runtime
 NVFLAGS ?= -O3 -arch=sm_90 -Xcompiler -fPIC -Iengine -Ikernels
 endif
 

@@ -263,57 +263,5 @@ int fl_file_write_at(const char *path, int64_t offset, const void *data, int64_t
 void fl_free(void *p);
 
 
-/* ---- normalisation and activations (ops_norm.c, ops_act.c) ---- */
-/* LayerNorm over the last dim (biased variance). w, b may be NULL. */
-fl_tensor *fl_layer_norm(const fl_tensor *x, const fl_tensor *w, const fl_tensor *b, double eps);
-/* RMSNorm as Hugging Face: x * rsqrt(mean(x^2) + eps), cast back to x's dtype, then times w (may be NULL). */
-fl_tensor *fl_rms_norm(const fl_tensor *x, const fl_tensor *w, double eps);
-fl_tensor *fl_gelu(const fl_tensor *x, bool tanh_approx);  /* exact erf GELU, or gelu_new / gelu_pytorch_tanh */
-fl_tensor *fl_silu(const fl_tensor *x);
-fl_tensor *fl_swiglu(const fl_tensor *gate, const fl_tensor *up); /* silu(gate) * up, fused */
-/* Dropout with a counter-based mask: element i is kept iff uniform(seed, key, i) >= p; kept values * 1/(1-p). */
-fl_tensor *fl_dropout(const fl_tensor *x, double p, uint64_t seed, uint64_t key);
-
-/* ---- softmax and losses (ops_softmax.c) ---- */
-fl_tensor *fl_softmax(const fl_tensor *x, int32_t dim);
-fl_tensor *fl_log_softmax(const fl_tensor *x, int32_t dim);
-/* Mean cross-entropy of logits [N, C] against targets [N] (i64/i32); targets equal to ignore_index are
- * skipped; the mean is over the others (0/0 gives NaN, as PyTorch). Computed in f32 (f64 for f64 input). */
-fl_tensor *fl_cross_entropy(const fl_tensor *logits, const fl_tensor *targets, int64_t ignore_index);
-
-/* ---- embedding, RoPE, attention (ops_embed.c, ops_attn.c) ---- */
-fl_tensor *fl_embedding(const fl_tensor *weight, const fl_tensor *ids); /* weight [V, H], ids any shape -> [..., H] */
-/* RoPE, first-half/second-half convention (GPT-NeoX / HF rotate_half). x is [B, T, heads, hd] (any strides
- * with the last dim contiguous); pos [T] i64 or NULL for 0..T-1; rotates the first rot_dim channels. */
-fl_tensor *fl_rope(const fl_tensor *x, const fl_tensor *pos, double theta, int32_t rot_dim);
-/* Causal scaled-dot-product attention with GQA. q [B, T, nH, hd], k and v [B, T, nKV, hd] (strided views
- * allowed, last dim contiguous), nH a multiple of nKV (query head h uses kv head h / (nH/nKV)).
- * window > 0 limits keys to i - window < j <= i. Returns [B, T, nH, hd] contiguous. */
-fl_tensor *fl_attention(const fl_tensor *q, const fl_tensor *k, const fl_tensor *v, double scale, int64_t window);
-
-/* ---- indexing for MoE (ops_index.c) ---- */
-fl_tensor *fl_topk(const fl_tensor *x, int64_t k, fl_tensor **indices);  /* over the last dim, sorted descending */
-fl_tensor *fl_gather(const fl_tensor *x, int32_t dim, const fl_tensor *index);
-fl_tensor *fl_scatter_add(const fl_tensor *base, int32_t dim, const fl_tensor *index, const fl_tensor *src);
-
-/* ---- optimizers (optim.c): fused loops over one parameter, the same f32 operation order as torch ---- */
-/* AdamW step on p (f32) with grad g and states m, v (f32, same numel). step is the 1-based step count. */
-int fl_adamw_step(fl_tensor *p, const fl_tensor *g, fl_tensor *m, fl_tensor *v, int64_t step, double lr,
-                  double beta1, double beta2, double eps, double weight_decay);
-/* SGD with momentum (buf may be NULL when momentum == 0); first step copies g into buf, as torch. */
-int fl_sgd_step(fl_tensor *p, const fl_tensor *g, fl_tensor *buf, int64_t step, double lr, double momentum,
-                double dampening, double weight_decay, bool nesterov);
-
-/* ---- safetensors (safetensors.c): bulk bytes in C, the JSON header is parsed in Lua ---- */
-/* Reads the 8-byte length and the JSON header; *header_len gets its size; returns a malloc'd string (free
- * with fl_free) or NULL. */
-char *fl_st_read_header(const char *path, int64_t *header_len);
-/* Reads nbytes at byte offset `offset` of the file into t's storage (t contiguous, nbytes = its size in
- * `file_dtype`), converting file_dtype -> t's dtype. */
-int fl_st_read_into(const char *path, int64_t offset, int32_t file_dtype, fl_tensor *t);
-/* Writes t's bytes (converted to file_dtype) at byte `offset` of an open-for-writing file (created if missing). */
-int fl_st_write_at(const char *path, int64_t offset, int32_t file_dtype, const fl_tensor *t);
-int fl_file_write_at(const char *path, int64_t offset, const void *data, int64_t nbytes);
-void fl_free(void *p);
 
 #endif

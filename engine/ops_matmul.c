@@ -1,12 +1,15 @@
 /* engine/ops_matmul.c: matmul (batched, broadcasting) and linear (Linear [out, in] and GPT-2 Conv1D
- * [in, out] layouts) through OpenBLAS, with backward. OpenBLAS splits GEMMs over M and N, never K, so the
- * results do not depend on the thread count. */
+ * [in, out] layouts) through OpenBLAS, with backward.
+ * Determinism: OpenBLAS picks kernels and splits work by its thread count, which changes the bits. So we
+ * never let it thread: every GEMM is cut into fixed blocks of rows (or columns) of C, independent of the
+ * thread count, and each block is one single-threaded BLAS call (OpenBLAS runs single-threaded inside an
+ * OpenMP parallel region). The same blocks give the same bits whether 1 or N threads run them. */
 #include "internal.h"
 
 #include <cblas.h>
 
-/* C[m,n] = alpha * op(A) op(B) + beta * C for f32/f64, row-major with leading dims. */
-static void gemm(int32_t dt, bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha, const void *a, int64_t lda,
+/* One BLAS call: C[m,n] = alpha * op(A) op(B) + beta * C for f32/f64, row-major with leading dims. */
+static void gemm_call(int32_t dt, bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha, const void *a, int64_t lda,
                  const void *b, int64_t ldb, double beta, void *c, int64_t ldc) {
     if (m == 0 || n == 0) return;
     if (k == 0) {  /* BLAS leaves C untouched for k = 0 only when beta = 1 */
@@ -23,6 +26,30 @@ static void gemm(int32_t dt, bool ta, bool tb, int64_t m, int64_t n, int64_t k, 
     else
         cblas_dgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, (blasint)m, (blasint)n,
                     (blasint)k, alpha, a, (blasint)lda, b, (blasint)ldb, beta, c, (blasint)ldc);
+}
+
+/* Rows (or columns) of C per BLAS call. Fixed: the blocking must not depend on the thread count. Small
+ * enough that 2..16 threads get balanced work on our shapes, large enough that packing stays cheap. */
+enum { GEMM_BLOCK = 64 };
+
+static void gemm(int32_t dt, bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha, const void *a, int64_t lda,
+                 const void *b, int64_t ldb, double beta, void *c, int64_t ldc) {
+    size_t es = fl_dtype_size(dt);
+    bool by_rows = m >= n;
+    int64_t len = by_rows ? m : n, nblk = (len + GEMM_BLOCK - 1) / GEMM_BLOCK;
+    /* Always an active parallel region, even for one block: OpenMP-built OpenBLAS threads itself whenever
+     * omp_in_parallel() is false and OpenMP allows more than one thread (it ignores its own thread count). */
+    #pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < nblk; i++) {
+        int64_t lo = i * GEMM_BLOCK, cnt = fl_min64(GEMM_BLOCK, len - lo);
+        if (by_rows) {  /* rows lo.. of C come from rows lo.. of op(A) */
+            const char *ap = (const char *)a + (size_t)(ta ? lo : lo * lda) * es;
+            gemm_call(dt, ta, tb, cnt, n, k, alpha, ap, lda, b, ldb, beta, (char *)c + (size_t)(lo * ldc) * es, ldc);
+        } else {        /* columns lo.. of C come from columns lo.. of op(B) */
+            const char *bp = (const char *)b + (size_t)(tb ? lo * ldb : lo) * es;
+            gemm_call(dt, ta, tb, m, cnt, k, alpha, a, lda, bp, ldb, beta, (char *)c + (size_t)lo * es, ldc);
+        }
+    }
 }
 
 void fl_gemm(int32_t dt, bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha, const void *a, int64_t lda,
@@ -67,12 +94,18 @@ static fl_tensor *matmul_raw(const fl_tensor *a0, const fl_tensor *b0, bool ta, 
     char *po = fl_tensor_data(out);
     int64_t lda = a->shape[na - 1], ldb = b->shape[nb - 1];
     /* Many small matrices: one BLAS call per thread's batch, BLAS single-threaded inside the parallel region. */
-    #pragma omp parallel for schedule(static) if (nbatch > 1 && m * n * k * nbatch > 262144)
+    /* Many matrices: parallel over the batch, one BLAS call each (the same calls for any thread count). */
+    bool par_batch = nbatch > 1;
+    #pragma omp parallel for schedule(static) if (par_batch)
     for (int64_t i = 0; i < nbatch; i++) {
         int64_t rem = i, ia = 0, ib = 0;
         for (int32_t d = bd - 1; d >= 0; d--) { int64_t x = rem % bshape[d]; rem /= bshape[d]; ia += x * sa[d]; ib += x * sb[d]; }
-        gemm(a->dtype, ta, tb, m, n, k, 1.0, pa + (size_t)(ia * stra) * es, lda, pb + (size_t)(ib * strb) * es, ldb, 0.0,
-             po + (size_t)(i * m * n) * es, n);
+        if (par_batch)
+            gemm_call(a->dtype, ta, tb, m, n, k, 1.0, pa + (size_t)(ia * stra) * es, lda, pb + (size_t)(ib * strb) * es, ldb, 0.0,
+                      po + (size_t)(i * m * n) * es, n);
+        else
+            gemm(a->dtype, ta, tb, m, n, k, 1.0, pa + (size_t)(ia * stra) * es, lda, pb + (size_t)(ib * strb) * es, ldb, 0.0,
+                 po + (size_t)(i * m * n) * es, n);
     }
 done:
     fl_tensor_release(a);

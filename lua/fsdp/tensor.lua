@@ -15,12 +15,14 @@ local shape_buf = ffi.new("int64_t[8]")
 local dims_buf = ffi.new("int32_t[8]")
 
 -- The engine's allocation counter drives the collector: a dead Lua handle can pin megabytes that Lua's GC
--- does not see, so every GC_BUDGET bytes allocated by the engine we run a full collection.
-local GC_BUDGET = 256 * 1024 * 1024
+-- does not see, so once the engine has allocated a quarter of what it holds now (at least 4 MB) since the
+-- last collection, we run a full one. Memory then stays within ~25% of the live set, whatever the model size.
+local GC_MIN_BUDGET = 4 * 1024 * 1024
 local release = C.fl_tensor_release
 
 local function wrap(p)
-  if C.fl_alloc_bytes_pending() > GC_BUDGET then
+  local pending = C.fl_alloc_bytes_pending()
+  if pending > GC_MIN_BUDGET and pending > C.fl_mem_total_current() / 4 then
     C.fl_alloc_reset_pending()
     collectgarbage("collect")
   end

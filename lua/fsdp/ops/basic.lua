@@ -179,11 +179,7 @@ function M.linear(x, w, b, w_in_out)
 end
 
 -- ---- autograd ----
-function M.backward(t, grad, opts)
-  if type(grad) == "table" and not is_tensor(grad) then opts, grad = grad, nil end
-  opts = core.check_opts("backward", opts, {retain_graph = true}, 2)
-  core.check(C.fl_backward(ptr(t, "backward"), grad and ptr(grad, "backward", 2) or nil, opts.retain_graph and true or false), nil, 2)
-end
+M.backward = require("fsdp.autograd").backward  -- jit.off'd: backward may call back into Lua (checkpoint)
 
 function M.zero_grad_(t) C.fl_tensor_set_grad(ptr(t, "zero_grad"), nil) end
 

@@ -1,0 +1,232 @@
+/* engine/ops_attn.c: causal scaled-dot-product attention with GQA and an optional sliding window, f32/f64.
+ * Flash-style memory: forward keeps only the per-row logsumexp [B, nH, T]; backward recomputes P block by
+ * block. q/k/v are read in place through their strides (e.g. narrowed out of GPT-2's fused c_attn output).
+ * Work is split over (batch, head, query block) in forward and (batch, kv head) in backward; each output
+ * element is computed by one task with a fixed order of operations, so the thread count never changes the
+ * bits. BLAS runs single-threaded inside the OpenMP region (OpenBLAS's OpenMP build does so by itself). */
+#include "internal.h"
+
+#include <cblas.h>
+#include <math.h>
+
+enum { ATTN_BQ = 64 };  /* query rows per block: bounds the score buffer to ATTN_BQ x T per task */
+
+/* C[m,n] = alpha op(A) op(B) + beta C, row-major, f32 or f64. */
+static void gemm(int32_t dt, bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha, const void *a, int64_t lda,
+                 const void *b, int64_t ldb, double beta, void *c, int64_t ldc) {
+    if (m == 0 || n == 0 || k == 0) return;
+    if (dt == FL_F32)
+        cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, (blasint)m, (blasint)n,
+                    (blasint)k, (float)alpha, a, (blasint)lda, b, (blasint)ldb, (float)beta, c, (blasint)ldc);
+    else
+        cblas_dgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, (blasint)m, (blasint)n,
+                    (blasint)k, alpha, a, (blasint)lda, b, (blasint)ldb, beta, c, (blasint)ldc);
+}
+
+/* Geometry of one call. Strides are in elements; the last dim is contiguous. */
+typedef struct {
+    int32_t dt;
+    int64_t b, t, nh, nkv, hd, window;
+    double scale;
+    const char *q, *k, *v;
+    int64_t sq[3], sk[3], sv[3];   /* strides of dims 0..2 */
+    size_t es;
+} attn_geo;
+
+/* Key range [lo, hi) a query block [i0, i1) can see. */
+static void key_range(const attn_geo *g, int64_t i0, int64_t i1, int64_t *lo, int64_t *hi) {
+    *lo = g->window > 0 ? fl_max64(0, i0 - g->window + 1) : 0;
+    *hi = i1;
+}
+static int64_t row_lo(const attn_geo *g, int64_t i) { return g->window > 0 ? fl_max64(0, i - g->window + 1) : 0; }
+
+/* In place over S [bq, klen] (scores of rows i0.., keys klo..): masked softmax rows; lse[r] = logsumexp. */
+#define DEFINE_SOFTMAX_ROWS(T, EXP, LOG)                                                                         \
+    static void softmax_rows_##T(const attn_geo *g, T *s, int64_t i0, int64_t bq, int64_t klo, int64_t klen,      \
+                                 T *lse) {                                                                       \
+        for (int64_t r = 0; r < bq; r++) {                                                                       \
+            int64_t i = i0 + r, jlo = row_lo(g, i) - klo, jhi = i - klo; /* inclusive */                        \
+            T *row = s + r * klen, m = -INFINITY, sum = 0;                                                        \
+            for (int64_t j = jlo; j <= jhi; j++) m = row[j] > m ? row[j] : m;                                     \
+            for (int64_t j = jlo; j <= jhi; j++) { row[j] = EXP(row[j] - m); sum += row[j]; }                     \
+            T inv = (T)1 / sum;                                                                                   \
+            for (int64_t j = 0; j < jlo; j++) row[j] = 0;                                                         \
+            for (int64_t j = jlo; j <= jhi; j++) row[j] *= inv;                                                   \
+            for (int64_t j = jhi + 1; j < klen; j++) row[j] = 0;                                                  \
+            lse[r] = m + LOG(sum);                                                                                \
+        }                                                                                                        \
+    }
+DEFINE_SOFTMAX_ROWS(float, expf, logf)
+DEFINE_SOFTMAX_ROWS(double, exp, log)
+
+/* Backward rows: s holds scaled scores -> P = exp(s - lse) (masked); dp holds dO V^T -> dS = P (dP - D). */
+#define DEFINE_DS_ROWS(T, EXP)                                                                                   \
+    static void ds_rows_##T(const attn_geo *g, T *s, T *dp, const T *lse, const T *dd, int64_t i0, int64_t bq,   \
+                            int64_t klo, int64_t klen) {                                                         \
+        for (int64_t r = 0; r < bq; r++) {                                                                       \
+            int64_t i = i0 + r, jlo = row_lo(g, i) - klo, jhi = i - klo;                                         \
+            T *ps = s + r * klen, *pd = dp + r * klen;                                                            \
+            for (int64_t j = 0; j < klen; j++) {                                                                  \
+                T p = (j >= jlo && j <= jhi) ? EXP(ps[j] - lse[r]) : (T)0;                                        \
+                ps[j] = p;                                                                                        \
+                pd[j] = p * (pd[j] - dd[r]);                                                                      \
+            }                                                                                                    \
+        }                                                                                                        \
+    }
+DEFINE_DS_ROWS(float, expf)
+DEFINE_DS_ROWS(double, exp)
+
+static const char *qptr(const attn_geo *g, int64_t b, int64_t h, int64_t i) { return g->q + (size_t)(b * g->sq[0] + i * g->sq[1] + h * g->sq[2]) * g->es; }
+static const char *kptr(const attn_geo *g, int64_t b, int64_t h, int64_t i) { return g->k + (size_t)(b * g->sk[0] + i * g->sk[1] + h * g->sk[2]) * g->es; }
+static const char *vptr(const attn_geo *g, int64_t b, int64_t h, int64_t i) { return g->v + (size_t)(b * g->sv[0] + i * g->sv[1] + h * g->sv[2]) * g->es; }
+
+/* out [B, T, nH, hd] contiguous; lse [B, nH, T] in the compute dtype. */
+static int attn_forward(const attn_geo *g, char *out, char *lse) {
+    int64_t nblk = (g->t + ATTN_BQ - 1) / ATTN_BQ, tasks = g->b * g->nh * nblk, ldo = g->nh * g->hd;
+    int rc = FL_OK;
+    #pragma omp parallel for schedule(dynamic) if (tasks > 1 && g->b * g->nh * g->t * g->t * g->hd > 262144)
+    for (int64_t task = 0; task < tasks; task++) {
+        int64_t b = task / (g->nh * nblk), h = (task / nblk) % g->nh, blk = task % nblk, kvh = h / (g->nh / g->nkv);
+        int64_t i0 = blk * ATTN_BQ, i1 = fl_min64(g->t, i0 + ATTN_BQ), bq = i1 - i0, klo, khi;
+        key_range(g, i0, i1, &klo, &khi);
+        int64_t klen = khi - klo;
+        void *s = malloc(g->es * (size_t)(bq * klen));
+        if (!s) { rc = FL_ENOMEM; continue; }
+        /* S = scale Q K^T over the visible keys */
+        gemm(g->dt, false, true, bq, klen, g->hd, g->scale, qptr(g, b, h, i0), g->sq[1], kptr(g, b, kvh, klo), g->sk[1], 0.0, s, klen);
+        char *l = lse + (size_t)((b * g->nh + h) * g->t + i0) * g->es;
+        if (g->dt == FL_F32) softmax_rows_float(g, s, i0, bq, klo, klen, (float *)l);
+        else softmax_rows_double(g, s, i0, bq, klo, klen, (double *)l);
+        /* O = P V */
+        gemm(g->dt, false, false, bq, g->hd, klen, 1.0, s, klen, vptr(g, b, kvh, klo), g->sv[1], 0.0,
+             out + (size_t)((b * g->t + i0) * ldo + h * g->hd) * g->es, ldo);
+        free(s);
+    }
+    return rc;
+}
+
+/* dq [B,T,nH,hd], dk/dv [B,T,nKV,hd], all contiguous, dk/dv zeroed. dO and O contiguous [B,T,nH,hd]. */
+static int attn_backward_raw(const attn_geo *g, const char *lse, const char *dout, const char *o, char *dq, char *dk, char *dv) {
+    int64_t nblk = (g->t + ATTN_BQ - 1) / ATTN_BQ, group = g->nh / g->nkv, tasks = g->b * g->nkv;
+    int64_t ldo = g->nh * g->hd, ldk = g->nkv * g->hd;
+    int rc = FL_OK;
+    #pragma omp parallel for schedule(dynamic) if (tasks > 1 && g->b * g->nh * g->t * g->t * g->hd > 262144)
+    for (int64_t task = 0; task < tasks; task++) {
+        int64_t b = task / g->nkv, kvh = task % g->nkv;
+        size_t cap = g->es * (size_t)(ATTN_BQ * g->t);
+        char *s = malloc(cap), *dp = malloc(cap), *dd = malloc(g->es * ATTN_BQ);
+        if (!s || !dp || !dd) { rc = FL_ENOMEM; free(s); free(dp); free(dd); continue; }
+        char *dkb = dk + (size_t)(b * g->t * ldk + kvh * g->hd) * g->es, *dvb = dv + (size_t)(b * g->t * ldk + kvh * g->hd) * g->es;
+        /* dK/dV of this kv head: the group's query heads in order, then query blocks in order */
+        for (int64_t h = kvh * group; h < (kvh + 1) * group; h++)
+            for (int64_t blk = 0; blk < nblk; blk++) {
+                int64_t i0 = blk * ATTN_BQ, i1 = fl_min64(g->t, i0 + ATTN_BQ), bq = i1 - i0, klo, khi;
+                key_range(g, i0, i1, &klo, &khi);
+                int64_t klen = khi - klo;
+                size_t off = (size_t)((b * g->t + i0) * ldo + h * g->hd);
+                const char *dob = dout + off * g->es, *ob = o + off * g->es;
+                const char *l = lse + (size_t)((b * g->nh + h) * g->t + i0) * g->es;
+                /* D_i = rowsum(dO * O) */
+                for (int64_t r = 0; r < bq; r++) {
+                    double acc = 0;
+                    for (int64_t d = 0; d < g->hd; d++)
+                        acc += g->dt == FL_F32 ? (double)((const float *)dob)[r * ldo + d] * ((const float *)ob)[r * ldo + d]
+                                               : ((const double *)dob)[r * ldo + d] * ((const double *)ob)[r * ldo + d];
+                    if (g->dt == FL_F32) ((float *)dd)[r] = (float)acc;
+                    else ((double *)dd)[r] = acc;
+                }
+                gemm(g->dt, false, true, bq, klen, g->hd, g->scale, qptr(g, b, h, i0), g->sq[1], kptr(g, b, kvh, klo), g->sk[1], 0.0, s, klen);
+                gemm(g->dt, false, true, bq, klen, g->hd, 1.0, dob, ldo, vptr(g, b, kvh, klo), g->sv[1], 0.0, dp, klen);
+                if (g->dt == FL_F32) ds_rows_float(g, (float *)s, (float *)dp, (const float *)l, (const float *)dd, i0, bq, klo, klen);
+                else ds_rows_double(g, (double *)s, (double *)dp, (const double *)l, (const double *)dd, i0, bq, klo, klen);
+                /* dQ = scale dS K;  dK += scale dS^T Q;  dV += P^T dO */
+                gemm(g->dt, false, false, bq, g->hd, klen, g->scale, dp, klen, kptr(g, b, kvh, klo), g->sk[1], 0.0, dq + off * g->es, ldo);
+                gemm(g->dt, true, false, klen, g->hd, bq, g->scale, dp, klen, qptr(g, b, h, i0), g->sq[1], 1.0,
+                     dkb + (size_t)(klo * ldk) * g->es, ldk);
+                gemm(g->dt, true, false, klen, g->hd, bq, 1.0, s, klen, dob, ldo, 1.0, dvb + (size_t)(klo * ldk) * g->es, ldk);
+            }
+        free(s); free(dp); free(dd);
+    }
+    return rc < 0 ? fl_fail(FL_ENOMEM, "attention backward: score buffers of %d x %" PRId64, ATTN_BQ, g->t) : FL_OK;
+}
+
+/* A view is usable in place when its last dim is contiguous and rows do not overlap (BLAS lda >= hd). */
+static bool usable(const fl_tensor *t) {
+    return (t->shape[3] <= 1 || t->stride[3] == 1) && t->stride[1] >= t->shape[3] && t->stride[1] > 0;
+}
+
+static void geo_fill(attn_geo *g, const fl_tensor *q, const fl_tensor *k, const fl_tensor *v, double scale, int64_t window) {
+    g->dt = q->dtype;
+    g->es = fl_dtype_size(q->dtype);
+    g->b = q->shape[0]; g->t = q->shape[1]; g->nh = q->shape[2]; g->nkv = k->shape[2]; g->hd = q->shape[3];
+    g->scale = scale; g->window = window;
+    g->q = fl_tensor_data(q); g->k = fl_tensor_data(k); g->v = fl_tensor_data(v);
+    for (int d = 0; d < 3; d++) { g->sq[d] = q->stride[d]; g->sk[d] = k->stride[d]; g->sv[d] = v->stride[d]; }
+}
+
+/* saved: q, k, v (the views as given, detached), out (detached), lse */
+static int attention_backward(fl_node *n, fl_tensor *const *go, fl_tensor **gi) {
+    if (!go[0]) return FL_OK;
+    const fl_tensor *q = n->saved[0], *k = n->saved[1], *v = n->saved[2], *o = n->saved[3], *lse = n->saved[4];
+    fl_tensor *g = fl_contiguous(go[0]);
+    fl_tensor *dq = g ? fl_tensor_empty(4, q->shape, q->dtype, FL_CPU) : NULL;
+    fl_tensor *dk = dq ? fl_tensor_zeros(4, k->shape, k->dtype, FL_CPU) : NULL;
+    fl_tensor *dv = dk ? fl_tensor_zeros(4, v->shape, v->dtype, FL_CPU) : NULL;
+    int rc = FL_ENOMEM;
+    if (dv) {
+        attn_geo geo;
+        geo_fill(&geo, q, k, v, n->f[0], n->i[0]);
+        rc = attn_backward_raw(&geo, fl_tensor_data(lse), fl_tensor_data(g), fl_tensor_data(o), fl_tensor_data(dq), fl_tensor_data(dk),
+                               fl_tensor_data(dv));
+    }
+    if (rc == FL_OK) {
+        if (fl_node_needs(n, 0)) { gi[0] = dq; dq = NULL; }
+        if (fl_node_needs(n, 1)) { gi[1] = dk; dk = NULL; }
+        if (fl_node_needs(n, 2)) { gi[2] = dv; dv = NULL; }
+    }
+    fl_tensor_release(g); fl_tensor_release(dq); fl_tensor_release(dk); fl_tensor_release(dv);
+    return rc;
+}
+
+fl_tensor *fl_attention(const fl_tensor *q, const fl_tensor *k, const fl_tensor *v, double scale, int64_t window) {
+    const char *op = "attention";
+    const fl_tensor *all[3] = {q, k, v};
+    for (int i = 0; i < 3; i++) {
+        if (fl_check_cpu_data(op, all[i]) < 0 || fl_check_float(op, all[i]) < 0) return NULL;
+        if (all[i]->ndim != 4) return fl_fail_null(FL_EINVAL, "attention: %s must be [B, T, heads, hd], got %s", i == 0 ? "q" : i == 1 ? "k" : "v", fl_shape_str(all[i]));
+    }
+    if (fl_check_same_dtype(op, q, k) < 0 || fl_check_same_dtype(op, q, v) < 0) return NULL;
+    if (!fl_same_shape(k, v) || k->shape[0] != q->shape[0] || k->shape[1] != q->shape[1] || k->shape[3] != q->shape[3])
+        return fl_fail_null(FL_EINVAL, "attention: q %s, k %s, v %s do not agree (k and v equal, same B, T and hd as q)", fl_shape_str(q),
+                            fl_shape_str(k), fl_shape_str(v));
+    if (k->shape[2] == 0 || q->shape[2] % k->shape[2] != 0)
+        return fl_fail_null(FL_EINVAL, "attention: %" PRId64 " query heads is not a multiple of %" PRId64 " kv heads", q->shape[2], k->shape[2]);
+    if (window < 0) return fl_fail_null(FL_EINVAL, "attention: window must be >= 0 (0 = none), got %" PRId64, window);
+    fl_tensor *qc = NULL, *kc = NULL, *vc = NULL, *out = NULL, *lse = NULL;
+    /* Views BLAS cannot read in place are copied once (transposed last dims, zero row strides). */
+    if (!(qc = usable(q) ? (fl_tensor_retain((fl_tensor *)q), (fl_tensor *)q) : fl_contiguous(q))) goto fail;
+    if (!(kc = usable(k) ? (fl_tensor_retain((fl_tensor *)k), (fl_tensor *)k) : fl_contiguous(k))) goto fail;
+    if (!(vc = usable(v) ? (fl_tensor_retain((fl_tensor *)v), (fl_tensor *)v) : fl_contiguous(v))) goto fail;
+    int64_t lshape[3] = {q->shape[0], q->shape[2], q->shape[1]};
+    if (!(out = fl_tensor_empty(4, q->shape, q->dtype, FL_CPU)) || !(lse = fl_tensor_empty(3, lshape, q->dtype, FL_CPU))) goto fail;
+    attn_geo geo;
+    geo_fill(&geo, qc, kc, vc, scale, window);
+    if (attn_forward(&geo, fl_tensor_data(out), fl_tensor_data(lse)) < 0) {
+        fl_fail(FL_ENOMEM, "attention: score buffers of %d x %" PRId64, ATTN_BQ, q->shape[1]);
+        goto fail;
+    }
+    const fl_tensor *ins[3] = {q, k, v};
+    fl_node *n = fl_record(op, attention_backward, 3, ins, out);
+    if (n) {
+        fl_tensor *sv[4] = {fl_detach(qc), fl_detach(kc), fl_detach(vc), fl_detach(out)};
+        for (int i = 0; i < 4; i++) { fl_node_save(n, sv[i]); fl_tensor_release(sv[i]); }
+        fl_node_save(n, lse);
+        n->f[0] = scale;
+        n->i[0] = window;
+    }
+    fl_tensor_release(qc); fl_tensor_release(kc); fl_tensor_release(vc); fl_tensor_release(lse);
+    return out;
+fail:
+    fl_tensor_release(qc); fl_tensor_release(kc); fl_tensor_release(vc); fl_tensor_release(out); fl_tensor_release(lse);
+    return NULL;
+}

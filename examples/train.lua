@@ -1,0 +1,169 @@
+-- examples/train.lua: trains a small GPT-2 (or Llama) from scratch on tinyshakespeare, byte-level, on the
+-- CPU, then samples text from it. `make demo` runs it with a 110 s budget:
+--     build/fsdp-lua examples/train.lua --time 110
+-- Options (all optional): --model gpt2|llama  --steps N  --time SECONDS  --batch B  --seq T  --lr PEAK
+--   --min-lr LR  --warmup N  --layers L  --embd C  --heads H  --wd W  --clip NORM  --seed S  --log N
+--   --data PATH  --sample CHARS  --temperature X (0 = greedy)  --prompt TEXT  --threads N
+local fsdp  = require "fsdp"
+local optim = require "fsdp.optim"
+local data  = require "fsdp.data"
+
+-- Wall-clock seconds (CLOCK_MONOTONIC): os.clock() counts CPU time of all threads.
+local ffi = require "ffi"
+ffi.cdef "typedef struct fl_train_timespec { int64_t tv_sec; int64_t tv_nsec; } fl_train_timespec;"
+pcall(ffi.cdef, "int clock_gettime(int clk, fl_train_timespec *ts);")
+local ts = ffi.new("fl_train_timespec")
+local function now() ffi.C.clock_gettime(1, ts); return tonumber(ts.tv_sec) + tonumber(ts.tv_nsec) * 1e-9 end
+
+local here = (arg and arg[0] or "examples/train.lua"):match("^(.*)/[^/]*$") or "."
+
+local DEFAULTS = {
+  model = "gpt2", steps = nil, time = nil, batch = 16, seq = 128, lr = 3e-3, ["min-lr"] = 3e-4, warmup = 30,
+  layers = 4, embd = 128, heads = 4, wd = 0.1, clip = 1.0, seed = 1234, log = 10,
+  data = here .. "/data/tinyshakespeare.txt", sample = 300, temperature = 0.8, prompt = "ROMEO:\n", threads = nil,
+}
+local STRINGS = {model = true, data = true, prompt = true}
+
+local function parse_args(argv)
+  local o = {}
+  for k, v in pairs(DEFAULTS) do o[k] = v end
+  local i = 1
+  while i <= #argv do
+    local key = argv[i]:match("^%-%-(.+)$")
+    if not key or DEFAULTS[key] == nil and key ~= "steps" and key ~= "time" and key ~= "threads" then
+      local names = {}
+      for k in pairs(DEFAULTS) do names[#names + 1] = "--" .. k end
+      names[#names + 1] = "--steps"; names[#names + 1] = "--time"; names[#names + 1] = "--threads"
+      table.sort(names)
+      error(("train.lua: unknown argument '%s' (valid: %s)"):format(argv[i], table.concat(names, " ")), 0)
+    end
+    local v = argv[i + 1]
+    if v == nil then error(("train.lua: --%s needs a value"):format(key), 0) end
+    if STRINGS[key] then o[key] = v:gsub("\\n", "\n")
+    else
+      o[key] = tonumber(v)
+      if o[key] == nil then error(("train.lua: --%s expects a number, got '%s'"):format(key, v), 0) end
+    end
+    i = i + 2
+  end
+  if not o.steps and not o.time then o.steps = 300 end
+  if o.model ~= "gpt2" and o.model ~= "llama" then
+    error(("train.lua: --model must be gpt2 or llama, got '%s'"):format(o.model), 0)
+  end
+  return o
+end
+
+local function build_model(o)
+  local cfg
+  if o.model == "gpt2" then
+    cfg = fsdp.models.config("gpt2", {
+      vocab_size = data.vocab_size, n_positions = o.seq, n_embd = o.embd, n_layer = o.layers, n_head = o.heads,
+      resid_pdrop = 0.0, embd_pdrop = 0.0, attn_pdrop = 0.0,
+    })
+  else
+    cfg = fsdp.models.config("llama", {
+      vocab_size = data.vocab_size, max_position_embeddings = o.seq, hidden_size = o.embd,
+      intermediate_size = math.floor(o.embd * 8 / 3 / 16 + 0.5) * 16, num_hidden_layers = o.layers,
+      num_attention_heads = o.heads, num_key_value_heads = o.heads, tie_word_embeddings = true,
+    })
+  end
+  return fsdp.models.build(cfg, {seed = o.seed})
+end
+
+-- Softmax sampling over the last position's logits (temperature 0: argmax).
+local function sample_next(logits_row, temperature)
+  local best, bi = -math.huge, 1
+  for i = 1, #logits_row do if logits_row[i] > best then best, bi = logits_row[i], i end end
+  if temperature <= 0 then return bi - 1 end
+  local w, total = {}, 0
+  for i = 1, #logits_row do
+    w[i] = math.exp((logits_row[i] - best) / temperature)
+    total = total + w[i]
+  end
+  local r = math.random() * total
+  for i = 1, #w do
+    r = r - w[i]
+    if r <= 0 then return i - 1 end
+  end
+  return #w - 1
+end
+
+local function generate(model, o)
+  math.randomseed(o.seed)
+  local ids = data.encode(o.prompt):totable()
+  return fsdp.no_grad(function()
+    for _ = 1, o.sample do
+      local lo = math.max(1, #ids - o.seq + 1)
+      local ctx = {}
+      for i = lo, #ids do ctx[#ctx + 1] = ids[i] end
+      local x = fsdp.tensor({ctx}, {dtype = "i64"})
+      local out = model(x)
+      local T = #ctx
+      local last = out.logits:narrow(2, T, 1):contiguous():totable()
+      out.logits:free(); x:free()
+      ids[#ids + 1] = sample_next(last, o.temperature)
+    end
+    return data.decode(ids)
+  end)
+end
+
+local function main(argv)
+  local o = parse_args(argv)
+  if o.threads then fsdp.set_num_threads(o.threads) end
+  local src = data.from_text(o.data)
+  local loader = data.loader(src, {batch = o.batch, seq = o.seq, seed = o.seed})
+  local model = build_model(o)
+  local params = model:parameters()
+  local nparams = 0
+  for _, p in ipairs(params) do nparams = nparams + p:numel() end
+  local opt = optim.AdamW(optim.param_groups(model, {weight_decay = o.wd}), {lr = o.lr, betas = {0.9, 0.95}})
+  print(("model %s: %d layers, %d embd, %d heads, %.2fM parameters; data %d tokens; batch %d x %d; %d threads")
+        :format(o.model, o.layers, o.embd, o.heads, nparams / 1e6, src.n, o.batch, o.seq, fsdp.get_num_threads()))
+
+  -- Linear warmup over --warmup steps, then a cosine decay to --min-lr over the steps or, with --time, over
+  -- the time budget (the machine's speed varies, so progress is elapsed / budget).
+  local total = o.steps
+  local warmup = total and math.min(o.warmup, total) or o.warmup
+  local by_steps = total and optim.cosine_schedule {warmup = warmup, total = total, lr = o.lr, min_lr = o["min-lr"]}
+  local by_time = optim.cosine_schedule {warmup = 0, total = 1e6, lr = o.lr, min_lr = o["min-lr"]}
+  local began, last_log, tokens_since, loss_sum, loss_n = now(), now(), 0, 0, 0
+  local step = 0
+  while true do
+    step = step + 1
+    local lr
+    if by_steps then lr = by_steps(step)
+    else
+      lr = by_time(math.max(1, math.floor(1e6 * (now() - began) / o.time)))
+      if step <= warmup then lr = math.min(lr, o.lr * step / warmup) end
+    end
+    if by_steps and o.time then   -- both: whichever ends first; decay by the further-along of the two
+      lr = math.min(lr, by_time(math.max(1, math.floor(1e6 * (now() - began) / o.time))))
+    end
+    opt:set_lr(lr)
+    local batch = loader:next()
+    local out = model(batch.input_ids, {labels = batch.labels})
+    local loss = out.loss:item()
+    out.loss:backward()
+    optim.clip_grad_norm(params, o.clip)
+    opt:step()
+    opt:zero_grad()
+    out.loss:free(); out.logits:free(); batch.input_ids:free(); batch.labels:free()
+    tokens_since = tokens_since + o.batch * o.seq
+    loss_sum, loss_n = loss_sum + loss, loss_n + 1
+    local t = now()
+    local done = (total and step >= total) or (o.time and t - began >= o.time)
+    if step == 1 or step % o.log == 0 or done then
+      print(("step %5d  loss %.4f  lr %.2e  %7.0f tokens/s  %6.1f s")
+            :format(step, loss_sum / loss_n, lr, tokens_since / (t - last_log), t - began))
+      io.stdout:flush()
+      last_log, tokens_since, loss_sum, loss_n = t, 0, 0, 0
+    end
+    if done then break end
+  end
+  print(("trained %d steps in %.1f s; sampling %d bytes (temperature %g):"):format(step, now() - began, o.sample, o.temperature))
+  print("----")
+  print(generate(model, o))
+  print("----")
+end
+
+main({...})

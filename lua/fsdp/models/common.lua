@@ -1,0 +1,55 @@
+-- lua/fsdp/models/common.lua: what every causal-LM file shares: the shifted cross-entropy loss (hf-models.md §0.7),
+-- the forward option check, and tying the head to the embedding.
+local ffi    = require "ffi"
+local core   = require "fsdp.core"
+local Tensor = require "fsdp.tensor"
+local basic  = require "fsdp.ops.basic"
+local ops    = require "fsdp.nn.ops"
+
+local M = {}
+
+M.FORWARD_OPTS = {labels = true}
+
+-- targets[b, t] = labels[b, t+1], and -100 at t = T-1: the model shifts labels, not input_ids.
+function M.shift_labels(labels, B, T)
+  local lab = labels
+  if labels.dtype ~= "i64" then lab = basic.to(labels, "i64") end
+  local lc = basic.contiguous(lab)
+  local src = ffi.cast("const int64_t *", lc:data_ptr())
+  local out = Tensor.empty({B * T}, {dtype = "i64"})
+  local dst = ffi.cast("int64_t *", out:data_ptr())
+  for b = 0, B - 1 do
+    local row = b * T
+    for t = 0, T - 2 do dst[row + t] = src[row + t + 1] end
+    dst[row + T - 1] = -100
+  end
+  if lc ~= labels then lc:free() end
+  if lab ~= labels and lab ~= lc then lab:free() end
+  return out
+end
+
+-- Mean cross-entropy over the non-ignored (label ~= -100) next-token targets of the whole batch.
+function M.causal_lm_loss(logits, labels)
+  local lp = logits._p
+  local B, T, V = tonumber(lp.shape[0]), tonumber(lp.shape[1]), tonumber(lp.shape[2])
+  local ls = labels:shape()
+  if #ls ~= 2 or ls[1] ~= B or ls[2] ~= T then
+    error(("forward: labels %s do not match input_ids [%d, %d]"):format(labels:shape_str(), B, T), 3)
+  end
+  local targets = M.shift_labels(labels, B, T)
+  local flat = basic.view(logits, {B * T, V})
+  local loss = ops.cross_entropy(flat, targets, -100)
+  flat:free(); targets:free()
+  return loss
+end
+
+function M.check_ids(what, input_ids)
+  if not Tensor.is_tensor(input_ids) then
+    error(("%s: input_ids must be an integer tensor [B, T], got %s"):format(what, type(input_ids)), 3)
+  end
+  if input_ids:dim() ~= 2 or (input_ids.dtype ~= "i64" and input_ids.dtype ~= "i32") then
+    error(("%s: input_ids must be an i64/i32 tensor [B, T], got %s %s"):format(what, input_ids.dtype, input_ids:shape_str()), 3)
+  end
+end
+
+return M

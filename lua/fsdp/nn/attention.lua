@@ -1,0 +1,73 @@
+-- lua/fsdp/nn/attention.lua: Llama-family causal self-attention: q/k/v/o Linear projections (optional biases),
+-- grouped-query attention (nKV kv heads shared by nH/nKV query heads each), RoPE on q and k, optional sliding
+-- window. Reshapes [B, T, nH*hd] <-> [B, T, nH, hd] are free views.
+local core   = require "fsdp.core"
+local Module = require "fsdp.nn.module"
+local Linear = require "fsdp.nn.linear"
+local basic  = require "fsdp.ops.basic"
+local ops    = require "fsdp.nn.ops"
+
+local Attention = Module.class("Attention")
+local OPTS = {num_heads = true, num_kv_heads = true, head_dim = true, bias = true, o_bias = true, rope_theta = true,
+              rotary_dim = true, window = true, dropout = true, std = true, device = true, dtype = true, seed = true}
+
+function Attention.new(hidden, opts)
+  opts = core.check_opts("Attention", opts, OPTS, 2)
+  local nh = opts.num_heads
+  local nkv = opts.num_kv_heads or nh
+  if type(nh) ~= "number" or nh < 1 then error("Attention: num_heads is required", 2) end
+  if nh % nkv ~= 0 then
+    error(("Attention: num_heads %d is not a multiple of num_kv_heads %d"):format(nh, nkv), 2)
+  end
+  local hd = opts.head_dim or hidden / nh
+  if hd ~= math.floor(hd) then error(("Attention: hidden %d / num_heads %d is not an integer head_dim"):format(hidden, nh), 2) end
+  local self = Module.init(setmetatable({}, Attention))
+  self.hidden, self.num_heads, self.num_kv_heads, self.head_dim = hidden, nh, nkv, hd
+  self.rope_theta = opts.rope_theta or 10000.0
+  self.rotary_dim = opts.rotary_dim or hd
+  self.window = opts.window or 0
+  self.dropout = opts.dropout or 0
+  self.scale = 1 / math.sqrt(hd)
+  local bias = opts.bias and true or false
+  local o_bias = bias
+  if opts.o_bias ~= nil then o_bias = opts.o_bias and true or false end
+  local lo = {std = opts.std, device = opts.device, dtype = opts.dtype, seed = opts.seed}
+  local function lin(i, o, b) lo.bias = b; return Linear.new(i, o, lo) end
+  self:register_module("q_proj", lin(hidden, nh * hd, bias))
+  self:register_module("k_proj", lin(hidden, nkv * hd, bias))
+  self:register_module("v_proj", lin(hidden, nkv * hd, bias))
+  self:register_module("o_proj", lin(nh * hd, hidden, o_bias))
+  return self
+end
+
+-- x [B, T, H]; pos: optional i64 [T] positions (default 0..T-1) -> [B, T, H]
+function Attention:forward(x, pos)
+  if self.training and self.dropout > 0 then
+    error(("Attention: attention dropout (%g) is not supported by the fused attention; set attention_dropout = 0 "
+           .. "or call eval()"):format(self.dropout), 2)
+  end
+  local xp = x._p
+  local B, T = tonumber(xp.shape[0]), tonumber(xp.shape[1])
+  local nh, nkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
+  local q = self.q_proj(x)
+  local qh = basic.view(q, {B, T, nh, hd}); q:free()
+  local qr = ops.rope(qh, pos, self.rope_theta, self.rotary_dim); qh:free()
+  local k = self.k_proj(x)
+  local kh = basic.view(k, {B, T, nkv, hd}); k:free()
+  local kr = ops.rope(kh, pos, self.rope_theta, self.rotary_dim); kh:free()
+  local v = self.v_proj(x)
+  local vh = basic.view(v, {B, T, nkv, hd}); v:free()
+  local o = ops.attention(qr, kr, vh, self.scale, self.window)
+  qr:free(); kr:free(); vh:free()
+  local merged = basic.view(o, {B, T, nh * hd}); o:free()
+  local out = self.o_proj(merged)
+  merged:free()
+  return out
+end
+
+function Attention:extra_repr()
+  return ("num_heads=%d, num_kv_heads=%d, head_dim=%d, rope_theta=%g%s"):format(self.num_heads, self.num_kv_heads,
+    self.head_dim, self.rope_theta, self.window > 0 and (", window=" .. self.window) or "")
+end
+
+return Attention

@@ -1,0 +1,44 @@
+-- lua/fsdp/nn/gated_mlp.lua: the Llama-family gated MLP, down(act(gate(x)) * up(x)); silu uses the fused swiglu.
+local core   = require "fsdp.core"
+local Module = require "fsdp.nn.module"
+local Linear = require "fsdp.nn.linear"
+local ops    = require "fsdp.nn.ops"
+
+local GatedMLP = Module.class("GatedMLP")
+local OPTS = {activation = true, bias = true, std = true, device = true, dtype = true, seed = true}
+
+function GatedMLP.new(hidden, inner, opts)
+  opts = core.check_opts("GatedMLP", opts, OPTS, 2)
+  local act = opts.activation or "silu"
+  if not ops.activations[act] then
+    error(("GatedMLP: unsupported hidden_act '%s' (supported: silu, swish, gelu, gelu_new, gelu_pytorch_tanh, relu)")
+          :format(tostring(act)), 2)
+  end
+  local self = Module.init(setmetatable({}, GatedMLP))
+  self.activation, self.act = act, ops.activations[act]
+  self.fused = act == "silu" or act == "swish"
+  local lo = {bias = opts.bias and true or false, std = opts.std, device = opts.device, dtype = opts.dtype, seed = opts.seed}
+  self:register_module("gate_proj", Linear.new(hidden, inner, lo))
+  self:register_module("up_proj", Linear.new(hidden, inner, lo))
+  self:register_module("down_proj", Linear.new(inner, hidden, lo))
+  return self
+end
+
+function GatedMLP:forward(x)
+  local g = self.gate_proj(x)
+  local u = self.up_proj(x)
+  local h
+  if self.fused then
+    h = ops.swiglu(g, u)
+  else
+    local a = self.act(g)
+    h = ops.mul(a, u); a:free()
+  end
+  g:free(); u:free()
+  local out = self.down_proj(h); h:free()
+  return out
+end
+
+function GatedMLP:extra_repr() return "act=" .. self.activation end
+
+return GatedMLP

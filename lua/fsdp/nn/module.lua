@@ -1,0 +1,270 @@
+-- lua/fsdp/nn/module.lua: the Module base class. A module owns parameters (leaf tensors with requires_grad) and
+-- child modules, both in registration order, and names them with Hugging Face's dotted names. It knows how each of
+-- its parameters is initialised (a small spec), so a model built on `meta` can be materialised later — whole, or
+-- shard by shard by FSDP — with the counter-based RNG keyed by the parameter's full name.
+local core   = require "fsdp.core"
+local Tensor = require "fsdp.tensor"
+
+local C = core.C
+local Module = {}
+Module.__index = Module
+
+-- Makes a class table inheriting from `parent`. Metamethods are not inherited through __index, so each class
+-- gets its own __call (-> forward) and __tostring.
+function Module.class(name, parent)
+  parent = parent or Module
+  local cls = setmetatable({}, {__index = parent})
+  cls.__index = cls
+  cls.__name = name
+  cls.__call = Module.__call
+  cls.__tostring = Module.__tostring
+  cls.__newindex = Module.__newindex
+  return cls
+end
+
+-- Sets up the registries of a fresh instance; every constructor calls it first.
+function Module.init(self)
+  rawset(self, "_param_names", {})
+  rawset(self, "_params", {})
+  rawset(self, "_param_init", {})
+  rawset(self, "_module_names", {})
+  rawset(self, "_modules", {})
+  self.training = true
+  return self
+end
+
+local function check_name(self, what, name)
+  if type(name) ~= "string" or name == "" or name:find(".", 1, true) then
+    error(("%s: name must be a non-empty string without dots, got %s"):format(what, tostring(name)), 3)
+  end
+  if rawget(self, "_params") == nil then
+    error(("%s: call Module.init(self) in the constructor before registering '%s'"):format(what, name), 3)
+  end
+  if self._params[name] ~= nil or self._modules[name] ~= nil then
+    error(("%s: '%s' is already registered on this %s"):format(what, name, self.__name or "module"), 3)
+  end
+end
+
+-- Init specs: {"normal", std = s} (mean 0), {"zeros"}, {"ones"}, or {"keep"} (leave the values as they are).
+local INIT_KINDS = {normal = true, zeros = true, ones = true, keep = true}
+
+-- register_parameter(name, tensor, init): tensor nil registers nothing (like torch's bias=None). The tensor
+-- becomes a leaf requiring grad and is also reachable as self[name].
+function Module:register_parameter(name, t, init)
+  check_name(self, "register_parameter", name)
+  if t == nil then return nil end
+  if not Tensor.is_tensor(t) then
+    error(("register_parameter: '%s' must be a tensor, got %s"):format(name, type(t)), 2)
+  end
+  if t.grad_fn ~= nil then
+    error(("register_parameter: '%s' is the result of %s, not a leaf tensor"):format(name, t.grad_fn), 2)
+  end
+  init = init or {"keep"}
+  if type(init) ~= "table" or not INIT_KINDS[init[1]] then
+    error(("register_parameter: '%s': init must be {\"normal\", std=}, {\"zeros\"}, {\"ones\"} or {\"keep\"}"):format(name), 2)
+  end
+  if init[1] == "normal" and type(init.std) ~= "number" then
+    error(("register_parameter: '%s': normal init needs a numeric std"):format(name), 2)
+  end
+  if not t.requires_grad then t.requires_grad = true end
+  self._param_names[#self._param_names + 1] = name
+  self._params[name] = t
+  self._param_init[name] = init
+  rawset(self, name, t)
+  return t
+end
+
+-- Replaces an already registered parameter (tying, loading): same name, same position.
+function Module:set_parameter(name, t)
+  if self._params[name] == nil then error(("set_parameter: no parameter '%s' on this %s"):format(tostring(name), self.__name), 2) end
+  if not Tensor.is_tensor(t) then error(("set_parameter: '%s' must be a tensor"):format(name), 2) end
+  if not t.requires_grad then t.requires_grad = true end
+  self._params[name] = t
+  rawset(self, name, t)
+end
+
+function Module:register_module(name, m)
+  check_name(self, "register_module", name)
+  if getmetatable(m) == nil or rawget(m, "_params") == nil then
+    error(("register_module: '%s' must be a module (built with Module.init), got %s"):format(name, type(m)), 2)
+  end
+  self._module_names[#self._module_names + 1] = name
+  self._modules[name] = m
+  rawset(self, name, m)
+  return m
+end
+
+-- Parameters set directly as fields would be invisible to named_parameters: refuse them.
+function Module.__newindex(self, k, v)
+  if Tensor.is_tensor(v) then
+    error(("module: assign parameter '%s' with register_parameter (or set_parameter), not a plain field"):format(tostring(k)), 2)
+  end
+  rawset(self, k, v)
+end
+
+-- Children in registration order: for name, child in m:named_children() do ... end
+function Module:named_children()
+  local i, names, mods = 0, self._module_names, self._modules
+  return function()
+    i = i + 1
+    local n = names[i]
+    if n then return n, mods[n] end
+  end
+end
+
+function Module:children()
+  local list = {}
+  for _, n in ipairs(self._module_names) do list[#list + 1] = self._modules[n] end
+  return list
+end
+
+-- Pre-order list of {name, module}; the root is "" (prefix given: the root is `prefix`).
+local function collect_modules(m, prefix, out, seen)
+  if seen[m] then return end
+  seen[m] = true
+  out[#out + 1] = {prefix, m}
+  for _, n in ipairs(m._module_names) do
+    collect_modules(m._modules[n], prefix == "" and n or (prefix .. "." .. n), out, seen)
+  end
+end
+
+function Module:named_modules(prefix)
+  local list = {}
+  collect_modules(self, prefix or "", list, {})
+  local i = 0
+  return function()
+    i = i + 1
+    local e = list[i]
+    if e then return e[1], e[2] end
+  end
+end
+
+-- List of {name, tensor, module, local_name}, each tensor once (a tied weight keeps its first name, as torch).
+function Module:parameter_list()
+  local out, seen, mods = {}, {}, {}
+  collect_modules(self, "", mods, {})
+  for _, e in ipairs(mods) do
+    local prefix, m = e[1], e[2]
+    for _, pn in ipairs(m._param_names) do
+      local t = m._params[pn]
+      if not seen[t] then
+        seen[t] = true
+        out[#out + 1] = {prefix == "" and pn or (prefix .. "." .. pn), t, m, pn}
+      end
+    end
+  end
+  return out
+end
+
+-- for name, p in model:named_parameters() do ... end  (HF dotted names, shared tensors once)
+function Module:named_parameters()
+  local list, i = self:parameter_list(), 0
+  return function()
+    i = i + 1
+    local e = list[i]
+    if e then return e[1], e[2] end
+  end
+end
+
+function Module:parameters()
+  local out = {}
+  for i, e in ipairs(self:parameter_list()) do out[i] = e[2] end
+  return out
+end
+
+-- The init spec of parameter `name` (full dotted name), e.g. {"normal", std = 0.02}.
+function Module:parameter_init(name)
+  for _, e in ipairs(self:parameter_list()) do
+    if e[1] == name then return e[3]._param_init[e[4]] end
+  end
+  error(("parameter_init: no parameter '%s'"):format(tostring(name)), 2)
+end
+
+-- Fills `t` per `init`, as element elem_offset.. of the full parameter `name` (FSDP initialises shards this way).
+function Module.init_values(t, init, seed, name, elem_offset)
+  local kind, p = init[1], Tensor.ptr(t, "init_values")
+  if kind == "normal" then
+    core.check(C.fl_tensor_normal_(p, seed, name, elem_offset or 0, 0, init.std), "init " .. name, 2)
+  elseif kind == "zeros" then
+    core.check(C.fl_tensor_fill_(p, 0), "init " .. name, 2)
+  elseif kind == "ones" then
+    core.check(C.fl_tensor_fill_(p, 1), "init " .. name, 2)
+  end
+end
+
+local MATERIALIZE_OPTS = {seed = true}
+
+-- Allocates every meta parameter on the CPU and initialises it from its spec, keyed by its full dotted name:
+-- the same seed gives the same model whatever else was built before. Parameters with data are left alone.
+function Module:materialize(opts)
+  opts = core.check_opts("materialize", opts, MATERIALIZE_OPTS, 2)
+  local seed = opts.seed or 0
+  for _, e in ipairs(self:parameter_list()) do
+    local name, t, m, pn = e[1], e[2], e[3], e[4]
+    if t.device == "meta" then
+      core.check(C.fl_tensor_storage_alloc(t._p), "materialize " .. name, 2)
+      C.fl_tensor_set_category(t._p, core.mem_categories.param)
+      local init = m._param_init[pn]
+      if init[1] == "keep" then core.check(C.fl_tensor_fill_(t._p, 0), "materialize " .. name, 2)
+      else Module.init_values(t, init, seed, name, 0) end
+    end
+  end
+  return self
+end
+
+function Module:apply(fn)
+  for _, n in ipairs(self._module_names) do self._modules[n]:apply(fn) end
+  fn(self)
+  return self
+end
+
+function Module:train(on)
+  if on == nil then on = true end
+  for _, m in self:named_modules() do m.training = on and true or false end
+  return self
+end
+
+function Module:eval() return self:train(false) end
+
+function Module:zero_grad()
+  for _, t in ipairs(self:parameters()) do C.fl_tensor_set_grad(t._p, nil) end
+end
+
+function Module:num_parameters()
+  local n = 0
+  for _, t in ipairs(self:parameters()) do n = n + t:numel() end
+  return n
+end
+
+function Module:forward()
+  error(("%s: forward is not implemented"):format(self.__name or "module"), 2)
+end
+
+-- m(...) runs forward; a module flagged `checkpoint` (activation checkpointing) runs it through
+-- fsdp.autograd.checkpoint so that its activations are recomputed in backward instead of kept.
+function Module.__call(self, x, ...)
+  if rawget(self, "checkpoint") then
+    local n, rest = select("#", ...), {...}
+    return require("fsdp.autograd").checkpoint(function(h)
+      return self:forward(h, unpack(rest, 1, n))
+    end, x)
+  end
+  return self:forward(x, ...)
+end
+
+function Module:extra_repr() return "" end
+
+local function render(m, indent)
+  local head = (m.__name or "Module") .. "(" .. m:extra_repr()
+  if #m._module_names == 0 then return head .. ")" end
+  local lines = {head}
+  for _, n in ipairs(m._module_names) do
+    lines[#lines + 1] = indent .. "  (" .. n .. "): " .. render(m._modules[n], indent .. "  ")
+  end
+  lines[#lines + 1] = indent .. ")"
+  return table.concat(lines, "\n")
+end
+
+function Module.__tostring(m) return render(m, "") end
+
+return Module
