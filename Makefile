@@ -33,7 +33,7 @@ deps:
 	if [ -n "$$missing" ]; then echo "installing:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi
 
-$(BUILD)/obj/%.o: engine/%.c engine/fsdp.h engine/internal.h | deps
+$(BUILD)/obj/%.o: engine/%.c engine/fsdp.h engine/internal.h $(wildcard kernels/*.h) | deps
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -c $< -o $@
 

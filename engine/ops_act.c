@@ -6,17 +6,23 @@
 
 enum { ACT_GELU_ERF, ACT_GELU_TANH, ACT_SILU };
 
+/* One loop per kind (the kind is not tested inside the loop): the f32 loops then vectorise. */
+#define ACT_LOOP(T, F) \
+    _Pragma("omp parallel for schedule(static) if (n > FL_PAR_MIN)") for (int64_t i = 0; i < n; i++) b[i] = F(a[i])
+#define ACT_GRAD_LOOP(T, F) \
+    _Pragma("omp parallel for schedule(static) if (n > FL_PAR_MIN)") for (int64_t i = 0; i < n; i++) r[i] = d[i] * F(a[i])
+
 static void act_fwd(int32_t kind, int32_t dt, const void *x, void *y, int64_t n) {
     if (dt == FL_F32) {
         const float *a = x; float *b = y;
-        #pragma omp parallel for schedule(static) if (n > FL_PAR_MIN)
-        for (int64_t i = 0; i < n; i++)
-            b[i] = kind == ACT_GELU_ERF ? fl_gelu_erf_f(a[i]) : kind == ACT_GELU_TANH ? fl_gelu_tanh_f(a[i]) : fl_silu_f(a[i]);
+        if (kind == ACT_GELU_ERF) { ACT_LOOP(float, fl_gelu_erf_f); }
+        else if (kind == ACT_GELU_TANH) { ACT_LOOP(float, fl_gelu_tanh_f); }
+        else { ACT_LOOP(float, fl_silu_f); }
     } else {
         const double *a = x; double *b = y;
-        #pragma omp parallel for schedule(static) if (n > FL_PAR_MIN)
-        for (int64_t i = 0; i < n; i++)
-            b[i] = kind == ACT_GELU_ERF ? fl_gelu_erf_d(a[i]) : kind == ACT_GELU_TANH ? fl_gelu_tanh_d(a[i]) : fl_silu_d(a[i]);
+        if (kind == ACT_GELU_ERF) { ACT_LOOP(double, fl_gelu_erf_d); }
+        else if (kind == ACT_GELU_TANH) { ACT_LOOP(double, fl_gelu_tanh_d); }
+        else { ACT_LOOP(double, fl_silu_d); }
     }
 }
 
@@ -24,16 +30,14 @@ static void act_fwd(int32_t kind, int32_t dt, const void *x, void *y, int64_t n)
 static void act_bwd(int32_t kind, int32_t dt, const void *x, const void *g, void *dx, int64_t n) {
     if (dt == FL_F32) {
         const float *a = x, *d = g; float *r = dx;
-        #pragma omp parallel for schedule(static) if (n > FL_PAR_MIN)
-        for (int64_t i = 0; i < n; i++)
-            r[i] = d[i] * (kind == ACT_GELU_ERF ? fl_gelu_erf_grad_f(a[i]) : kind == ACT_GELU_TANH ? fl_gelu_tanh_grad_f(a[i])
-                                                                                              : fl_silu_grad_f(a[i]));
+        if (kind == ACT_GELU_ERF) { ACT_GRAD_LOOP(float, fl_gelu_erf_grad_f); }
+        else if (kind == ACT_GELU_TANH) { ACT_GRAD_LOOP(float, fl_gelu_tanh_grad_f); }
+        else { ACT_GRAD_LOOP(float, fl_silu_grad_f); }
     } else {
         const double *a = x, *d = g; double *r = dx;
-        #pragma omp parallel for schedule(static) if (n > FL_PAR_MIN)
-        for (int64_t i = 0; i < n; i++)
-            r[i] = d[i] * (kind == ACT_GELU_ERF ? fl_gelu_erf_grad_d(a[i]) : kind == ACT_GELU_TANH ? fl_gelu_tanh_grad_d(a[i])
-                                                                                              : fl_silu_grad_d(a[i]));
+        if (kind == ACT_GELU_ERF) { ACT_GRAD_LOOP(double, fl_gelu_erf_grad_d); }
+        else if (kind == ACT_GELU_TANH) { ACT_GRAD_LOOP(double, fl_gelu_tanh_grad_d); }
+        else { ACT_GRAD_LOOP(double, fl_silu_grad_d); }
     }
 }
 
@@ -89,18 +93,24 @@ static int swiglu_backward(fl_node *n, fl_tensor *const *go, fl_tensor **gi) {
     if (gate->dtype == FL_F32) {
         const float *a = fl_tensor_data(gate), *b = fl_tensor_data(up), *d = fl_tensor_data(g);
         float *pg = dg ? fl_tensor_data(dg) : NULL, *pu = du ? fl_tensor_data(du) : NULL;
-        #pragma omp parallel for schedule(static) if (cnt > FL_PAR_MIN)
-        for (int64_t i = 0; i < cnt; i++) {
-            if (pg) pg[i] = d[i] * b[i] * fl_silu_grad_f(a[i]);
-            if (pu) pu[i] = d[i] * fl_silu_f(a[i]);
+        if (pg) {
+            #pragma omp parallel for schedule(static) if (cnt > FL_PAR_MIN)
+            for (int64_t i = 0; i < cnt; i++) pg[i] = d[i] * b[i] * fl_silu_grad_f(a[i]);
+        }
+        if (pu) {
+            #pragma omp parallel for schedule(static) if (cnt > FL_PAR_MIN)
+            for (int64_t i = 0; i < cnt; i++) pu[i] = d[i] * fl_silu_f(a[i]);
         }
     } else {
         const double *a = fl_tensor_data(gate), *b = fl_tensor_data(up), *d = fl_tensor_data(g);
         double *pg = dg ? fl_tensor_data(dg) : NULL, *pu = du ? fl_tensor_data(du) : NULL;
-        #pragma omp parallel for schedule(static) if (cnt > FL_PAR_MIN)
-        for (int64_t i = 0; i < cnt; i++) {
-            if (pg) pg[i] = d[i] * b[i] * fl_silu_grad_d(a[i]);
-            if (pu) pu[i] = d[i] * fl_silu_d(a[i]);
+        if (pg) {
+            #pragma omp parallel for schedule(static) if (cnt > FL_PAR_MIN)
+            for (int64_t i = 0; i < cnt; i++) pg[i] = d[i] * b[i] * fl_silu_grad_d(a[i]);
+        }
+        if (pu) {
+            #pragma omp parallel for schedule(static) if (cnt > FL_PAR_MIN)
+            for (int64_t i = 0; i < cnt; i++) pu[i] = d[i] * fl_silu_d(a[i]);
         }
     }
     fl_tensor_release(g);

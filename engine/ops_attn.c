@@ -9,6 +9,8 @@
 #include <cblas.h>
 #include <math.h>
 
+#include "../kernels/fl_math.h"
+
 enum { ATTN_BQ = 64 };  /* query rows per block: bounds the score buffer to ATTN_BQ x T per task */
 
 /* C[m,n] = alpha op(A) op(B) + beta C, row-major, f32 or f64. */
@@ -40,7 +42,8 @@ static void key_range(const attn_geo *g, int64_t i0, int64_t i1, int64_t *lo, in
 }
 static int64_t row_lo(const attn_geo *g, int64_t i) { return g->window > 0 ? fl_max64(0, i - g->window + 1) : 0; }
 
-/* In place over S [bq, klen] (scores of rows i0.., keys klo..): masked softmax rows; lse[r] = logsumexp. */
+/* In place over S [bq, klen] (scores of rows i0.., keys klo..): masked softmax rows; lse[r] = logsumexp.
+ * The exp loop is separate from the (ordered, scalar) sum so that it vectorises. */
 #define DEFINE_SOFTMAX_ROWS(T, EXP, LOG)                                                                         \
     static void softmax_rows_##T(const attn_geo *g, T *s, int64_t i0, int64_t bq, int64_t klo, int64_t klen,      \
                                  T *lse) {                                                                       \
@@ -48,7 +51,8 @@ static int64_t row_lo(const attn_geo *g, int64_t i) { return g->window > 0 ? fl_
             int64_t i = i0 + r, jlo = row_lo(g, i) - klo, jhi = i - klo; /* inclusive */                        \
             T *row = s + r * klen, m = -INFINITY, sum = 0;                                                        \
             for (int64_t j = jlo; j <= jhi; j++) m = row[j] > m ? row[j] : m;                                     \
-            for (int64_t j = jlo; j <= jhi; j++) { row[j] = EXP(row[j] - m); sum += row[j]; }                     \
+            for (int64_t j = jlo; j <= jhi; j++) row[j] = EXP(row[j] - m);                                        \
+            for (int64_t j = jlo; j <= jhi; j++) sum += row[j];                                                   \
             T inv = (T)1 / sum;                                                                                   \
             for (int64_t j = 0; j < jlo; j++) row[j] = 0;                                                         \
             for (int64_t j = jlo; j <= jhi; j++) row[j] *= inv;                                                   \
@@ -56,7 +60,7 @@ static int64_t row_lo(const attn_geo *g, int64_t i) { return g->window > 0 ? fl_
             lse[r] = m + LOG(sum);                                                                                \
         }                                                                                                        \
     }
-DEFINE_SOFTMAX_ROWS(float, expf, logf)
+DEFINE_SOFTMAX_ROWS(float, fl_expf, logf)
 DEFINE_SOFTMAX_ROWS(double, exp, log)
 
 /* Backward rows: s holds scaled scores -> P = exp(s - lse) (masked); dp holds dO V^T -> dS = P (dP - D). */
@@ -65,15 +69,17 @@ DEFINE_SOFTMAX_ROWS(double, exp, log)
                             int64_t klo, int64_t klen) {                                                         \
         for (int64_t r = 0; r < bq; r++) {                                                                       \
             int64_t i = i0 + r, jlo = row_lo(g, i) - klo, jhi = i - klo;                                         \
-            T *ps = s + r * klen, *pd = dp + r * klen;                                                            \
-            for (int64_t j = 0; j < klen; j++) {                                                                  \
-                T p = (j >= jlo && j <= jhi) ? EXP(ps[j] - lse[r]) : (T)0;                                        \
+            T *ps = s + r * klen, *pd = dp + r * klen, l = lse[r], d = dd[r];                                     \
+            for (int64_t j = 0; j < jlo; j++) ps[j] = pd[j] = 0;                                                  \
+            for (int64_t j = jlo; j <= jhi; j++) {                                                                \
+                T p = EXP(ps[j] - l);                                                                             \
                 ps[j] = p;                                                                                        \
-                pd[j] = p * (pd[j] - dd[r]);                                                                      \
+                pd[j] = p * (pd[j] - d);                                                                          \
             }                                                                                                    \
+            for (int64_t j = jhi + 1; j < klen; j++) ps[j] = pd[j] = 0;                                           \
         }                                                                                                        \
     }
-DEFINE_DS_ROWS(float, expf)
+DEFINE_DS_ROWS(float, fl_expf)
 DEFINE_DS_ROWS(double, exp)
 
 static const char *qptr(const attn_geo *g, int64_t b, int64_t h, int64_t i) { return g->q + (size_t)(b * g->sq[0] + i * g->sq[1] + h * g->sq[2]) * g->es; }
@@ -84,7 +90,8 @@ static const char *vptr(const attn_geo *g, int64_t b, int64_t h, int64_t i) { re
 static int attn_forward(const attn_geo *g, char *out, char *lse) {
     int64_t nblk = (g->t + ATTN_BQ - 1) / ATTN_BQ, tasks = g->b * g->nh * nblk, ldo = g->nh * g->hd;
     int rc = FL_OK;
-    #pragma omp parallel for schedule(dynamic) if (tasks > 1 && g->b * g->nh * g->t * g->t * g->hd > 262144)
+    /* Always an active region, even for one task: BLAS must run single-threaded here (see ops_matmul.c). */
+    #pragma omp parallel for schedule(dynamic)
     for (int64_t task = 0; task < tasks; task++) {
         int64_t b = task / (g->nh * nblk), h = (task / nblk) % g->nh, blk = task % nblk, kvh = h / (g->nh / g->nkv);
         int64_t i0 = blk * ATTN_BQ, i1 = fl_min64(g->t, i0 + ATTN_BQ), bq = i1 - i0, klo, khi;
@@ -110,7 +117,8 @@ static int attn_backward_raw(const attn_geo *g, const char *lse, const char *dou
     int64_t nblk = (g->t + ATTN_BQ - 1) / ATTN_BQ, group = g->nh / g->nkv, tasks = g->b * g->nkv;
     int64_t ldo = g->nh * g->hd, ldk = g->nkv * g->hd;
     int rc = FL_OK;
-    #pragma omp parallel for schedule(dynamic) if (tasks > 1 && g->b * g->nh * g->t * g->t * g->hd > 262144)
+    /* Always an active region, even for one task: BLAS must run single-threaded here (see ops_matmul.c). */
+    #pragma omp parallel for schedule(dynamic)
     for (int64_t task = 0; task < tasks; task++) {
         int64_t b = task / g->nkv, kvh = task % g->nkv;
         size_t cap = g->es * (size_t)(ATTN_BQ * g->t);

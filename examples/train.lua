@@ -18,11 +18,16 @@ local function now() ffi.C.clock_gettime(1, ts); return tonumber(ts.tv_sec) + to
 local here = (arg and arg[0] or "examples/train.lua"):match("^(.*)/[^/]*$") or "."
 
 local DEFAULTS = {
-  model = "gpt2", steps = nil, time = nil, batch = 16, seq = 128, lr = 3e-3, ["min-lr"] = 3e-4, warmup = 30,
+  model = "gpt2", steps = nil, time = nil, batch = 8, seq = 128, lr = 3e-3, ["min-lr"] = 3e-4, warmup = 10,
   layers = 4, embd = 128, heads = 4, wd = 0.1, clip = 1.0, seed = 1234, log = 10,
   data = here .. "/data/tinyshakespeare.txt", sample = 300, temperature = 0.8, prompt = "ROMEO:\n", threads = nil,
 }
 local STRINGS = {model = true, data = true, prompt = true}
+
+local function usage_error(msg)
+  io.stderr:write("train.lua: ", msg, "\n")
+  os.exit(2)
+end
 
 local function parse_args(argv)
   local o = {}
@@ -35,20 +40,20 @@ local function parse_args(argv)
       for k in pairs(DEFAULTS) do names[#names + 1] = "--" .. k end
       names[#names + 1] = "--steps"; names[#names + 1] = "--time"; names[#names + 1] = "--threads"
       table.sort(names)
-      error(("train.lua: unknown argument '%s' (valid: %s)"):format(argv[i], table.concat(names, " ")), 0)
+      usage_error(("unknown argument '%s' (valid: %s)"):format(argv[i], table.concat(names, " ")))
     end
     local v = argv[i + 1]
-    if v == nil then error(("train.lua: --%s needs a value"):format(key), 0) end
+    if v == nil then usage_error(("--%s needs a value"):format(key)) end
     if STRINGS[key] then o[key] = v:gsub("\\n", "\n")
     else
       o[key] = tonumber(v)
-      if o[key] == nil then error(("train.lua: --%s expects a number, got '%s'"):format(key, v), 0) end
+      if o[key] == nil then usage_error(("--%s expects a number, got '%s'"):format(key, v)) end
     end
     i = i + 2
   end
   if not o.steps and not o.time then o.steps = 300 end
   if o.model ~= "gpt2" and o.model ~= "llama" then
-    error(("train.lua: --model must be gpt2 or llama, got '%s'"):format(o.model), 0)
+    usage_error(("--model must be gpt2 or llama, got '%s'"):format(o.model))
   end
   return o
 end
@@ -125,20 +130,16 @@ local function main(argv)
   local total = o.steps
   local warmup = total and math.min(o.warmup, total) or o.warmup
   local by_steps = total and optim.cosine_schedule {warmup = warmup, total = total, lr = o.lr, min_lr = o["min-lr"]}
-  local by_time = optim.cosine_schedule {warmup = 0, total = 1e6, lr = o.lr, min_lr = o["min-lr"]}
+  local by_time = optim.cosine_schedule {warmup = 0, total = 1e6, lr = o.lr, min_lr = o["min-lr"]}  -- in ppm of the budget
   local began, last_log, tokens_since, loss_sum, loss_n = now(), now(), 0, 0, 0
+  local function time_lr() return by_time(math.max(1, math.floor(1e6 * (now() - began) / o.time))) end
   local step = 0
   while true do
     step = step + 1
     local lr
     if by_steps then lr = by_steps(step)
-    else
-      lr = by_time(math.max(1, math.floor(1e6 * (now() - began) / o.time)))
-      if step <= warmup then lr = math.min(lr, o.lr * step / warmup) end
-    end
-    if by_steps and o.time then   -- both: whichever ends first; decay by the further-along of the two
-      lr = math.min(lr, by_time(math.max(1, math.floor(1e6 * (now() - began) / o.time))))
-    end
+    else lr = step <= warmup and math.min(time_lr(), o.lr * step / warmup) or time_lr() end
+    if by_steps and o.time then lr = math.min(lr, time_lr()) end   -- both given: the further along decays
     opt:set_lr(lr)
     local batch = loader:next()
     local out = model(batch.input_ids, {labels = batch.labels})
@@ -152,7 +153,7 @@ local function main(argv)
     loss_sum, loss_n = loss_sum + loss, loss_n + 1
     local t = now()
     local done = (total and step >= total) or (o.time and t - began >= o.time)
-    if step == 1 or step % o.log == 0 or done then
+    if step == 1 or step % o.log == 0 or done then   -- the loss printed is the mean since the last line
       print(("step %5d  loss %.4f  lr %.2e  %7.0f tokens/s  %6.1f s")
             :format(step, loss_sum / loss_n, lr, tokens_since / (t - last_log), t - began))
       io.stdout:flush()

@@ -152,6 +152,17 @@ describe("data.loader", function()
     assert.same(want, L2:next().input_ids:tolist())
   end)
 
+  it("keeps one full batch per epoch when the stream holds exactly B windows", function()
+    local exact = data.TokenFile.from_tensor(data.encode(digits(40)))
+    local L = data.loader(exact, {batch = 4, seq = 10, seed = 5})
+    for _ = 1, 3 do   -- three epochs of one batch: the offset falls back to 0, all four windows appear
+      local starts = L:next_starts()
+      table.sort(starts)
+      assert.same({0, 10, 20, 30}, starts)
+    end
+    assert.equal(3, L.epoch)
+  end)
+
   it("rejects sources too small for one batch and bad options", function()
     local tiny = data.TokenFile.from_tensor(data.encode("abcdef"))
     assert.has_error(function() data.loader(tiny, {batch = 2, seq = 4}) end)

@@ -187,6 +187,29 @@ describe("nn ops: errors and edge cases", function()
     assert.same({{1, 3, 2}, {2, 3, 4}}, i:tolist())
   end)
 
+  it("free every autograd node and buffer once the graph and tensors are gone", function()
+    local C = fsdp.C
+    collectgarbage(); collectgarbage()
+    local nodes0, mem0 = tonumber(C.fl_autograd_live_nodes()), tonumber(C.fl_mem_total_current())
+    do
+      local x = fsdp.randn({2, 6, 4, 8}); x.requires_grad = true
+      local w = fsdp.ones({8}); w.requires_grad = true
+      local h = nn.layer_norm(x, w, nil)
+      h = nn.dropout(nn.swiglu(nn.gelu(nn.rms_norm(h, w), "tanh"), nn.silu(h)), 0.1, 1, 2)
+      h = nn.rope(h, nil, 10000, 8)
+      local o = nn.attention(h, F.narrow(h, 3, 1, 2), F.narrow(h, 3, 3, 2))
+      local l = nn.cross_entropy(F.view(o, -1, 8), fsdp.zeros({48}, {dtype = "i64"}))
+      local e = nn.embedding(F.view(w, 4, 2), fsdp.tensor({1, 2}, {dtype = "i64"}))
+      local _, i = nn.topk(x, 3)
+      local s = nn.scatter_add(x, 4, i, nn.gather(x, 4, i))
+      F.backward(F.add(F.add(l, F.sum(e)), F.sum(s)))
+      assert.is_true(F.sum_squares(x.grad) > 0)
+    end
+    collectgarbage(); collectgarbage()
+    assert.equal(nodes0, tonumber(C.fl_autograd_live_nodes()))
+    assert.equal(mem0, tonumber(C.fl_mem_total_current()))
+  end)
+
   it("embedding backward adds the rows of repeated ids", function()
     local w = fsdp.randn({4, 3}, {dtype = "f64"}); w.requires_grad = true
     local e = nn.embedding(w, fsdp.tensor({1, 1, 3, 1}, {dtype = "i64"}))

@@ -2,6 +2,7 @@
 local core   = require "fsdp.core"
 local Tensor = require "fsdp.tensor"
 local basic  = require "fsdp.ops.basic"
+local nnops  = require "fsdp.ops.nn"
 
 local C = core.C
 local fsdp = {}
@@ -38,8 +39,13 @@ end
 
 function fsdp.is_grad_enabled() return C.fl_grad_is_enabled() end
 
--- The functional namespace: basic ops now, nn ops (fsdp.ops.nn) when present.
-fsdp.F = setmetatable({}, {__index = basic})
+-- The functional namespace: elementwise/shape/matmul ops (fsdp.ops.basic) and nn ops (fsdp.ops.nn).
+fsdp.F = {}
+for k, v in pairs(basic) do fsdp.F[k] = v end
+for k, v in pairs(nnops) do fsdp.F[k] = v end
+
+-- Global gradient-norm clipping over a list of parameters (torch.nn.utils.clip_grad_norm_); returns the norm.
+function fsdp.clip_grad_norm(params, max_norm, opts) return require("fsdp.optim").clip_grad_norm(params, max_norm, opts) end
 
 local lazy = {
   nn = "fsdp.nn", models = "fsdp.models", optim = "fsdp.optim", data = "fsdp.data",
