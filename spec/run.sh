@@ -8,15 +8,16 @@ export FSDP_LIB="$PWD/build/libfsdp.so"
 export LUA_PATH="$PWD/lua/?.lua;$PWD/lua/?/init.lua;$PWD/spec/support/?.lua;;"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
 pattern="${1:-}"
-passed=0; failed=0
+passed=0; failed=0; skipped=0
 log=$(mktemp -d)
 trap 'rm -rf "$log"' EXIT
 
-count() {   # counts TAP lines of a file into passed/failed, printing failures in full
-  local f="$1" p n
-  p=$(grep -c '^ok ' "$f" || true)
+count() {   # counts TAP lines of a file into passed/failed/skipped; a skipped test is not a pass
+  local f="$1" p n s
+  p=$(grep '^ok ' "$f" | grep -vc '# SKIP' || true)
+  s=$(grep '^ok ' "$f" | grep -c '# SKIP' || true)
   n=$(grep -c '^not ok ' "$f" || true)
-  passed=$((passed + p)); failed=$((failed + n))
+  passed=$((passed + p)); failed=$((failed + n)); skipped=$((skipped + s))
 }
 
 # C tests: small mains printing TAP-style ok / not ok lines.
@@ -45,5 +46,5 @@ for f in $files; do
   if [ $rc -ne 0 ] && ! grep -q '^not ok ' "$log/b.txt"; then echo "not ok - $f: busted exited with $rc"; failed=$((failed + 1)); fi
 done
 
-echo "$passed passed, $failed failed"
+if [ "$skipped" -gt 0 ]; then echo "$passed passed, $failed failed, $skipped skipped"; else echo "$passed passed, $failed failed"; fi
 [ "$failed" -eq 0 ]
