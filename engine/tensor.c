@@ -247,8 +247,24 @@ int fl_tensor_copy_(fl_tensor *dst, const fl_tensor *src) {
         fl_copy_strided(src, buf);
         sp = buf;
     }
+    int32_t nd = dst->ndim;
     if (fl_tensor_is_contiguous(dst)) fl_convert(sp, src->dtype, fl_tensor_data(dst), dst->dtype, n);
-    else for (int64_t i = 0; i < n; i++)
+    else if (nd > 0 && dst->stride[nd - 1] == 1) {
+        /* Rows of the destination are contiguous runs (a narrowed slice, a transposed block): convert
+         * run by run. Each run is written by one thread; the bytes are the same for any thread count. */
+        int64_t inner = dst->shape[nd - 1], outer = n / inner;
+        size_t ses = fl_dtype_size(src->dtype), des = fl_dtype_size(dst->dtype);
+        char *dbase = fl_tensor_data(dst);
+        #pragma omp parallel for schedule(static) if (n > FL_PAR_MIN)
+        for (int64_t o = 0; o < outer; o++) {
+            int64_t rem = o, off = 0;
+            for (int32_t d = nd - 2; d >= 0; d--) {
+                off += (rem % dst->shape[d]) * dst->stride[d];
+                rem /= dst->shape[d];
+            }
+            fl_convert((const char *)sp + (size_t)(o * inner) * ses, src->dtype, dbase + (size_t)off * des, dst->dtype, inner);
+        }
+    } else for (int64_t i = 0; i < n; i++)
         fl_store_elem(fl_tensor_data(dst), dst->dtype, flat_offset(dst, i), fl_load_elem(sp, src->dtype, i));
     free(buf);
     return FL_OK;
