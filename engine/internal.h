@@ -60,6 +60,13 @@ void fl_convert(const void *src, int32_t src_dtype, void *dst, int32_t dst_dtype
 double fl_load_elem(const void *p, int32_t dtype, int64_t i);
 void fl_store_elem(void *p, int32_t dtype, int64_t i, double v);
 
+/* ---- BLAS (ops_matmul.c) ---- */
+/* One BLAS call, C[m,n] = alpha op(A) op(B) + beta C, row-major, f32/f64. Call it only from inside an active
+ * OpenMP parallel region (or with one OpenMP thread): elsewhere OpenBLAS threads itself and the bits then
+ * depend on the thread count. */
+void fl_gemm_call(int32_t dtype, bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha, const void *a,
+                  int64_t lda, const void *b, int64_t ldb, double beta, void *c, int64_t ldc);
+
 /* ---- counter-based RNG (rng.c) ---- */
 double fl_rng_uniform_at(uint64_t seed, uint64_t stream, uint64_t i);
 double fl_rng_normal_at(uint64_t seed, uint64_t stream, uint64_t i);

@@ -6,24 +6,11 @@
  * bits. BLAS runs single-threaded inside the OpenMP region (OpenBLAS's OpenMP build does so by itself). */
 #include "internal.h"
 
-#include <cblas.h>
 #include <math.h>
 
 #include "../kernels/fl_math.h"
 
 enum { ATTN_BQ = 64 };  /* query rows per block: bounds the score buffer to ATTN_BQ x T per task */
-
-/* C[m,n] = alpha op(A) op(B) + beta C, row-major, f32 or f64. */
-static void gemm(int32_t dt, bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha, const void *a, int64_t lda,
-                 const void *b, int64_t ldb, double beta, void *c, int64_t ldc) {
-    if (m == 0 || n == 0 || k == 0) return;
-    if (dt == FL_F32)
-        cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, (blasint)m, (blasint)n,
-                    (blasint)k, (float)alpha, a, (blasint)lda, b, (blasint)ldb, (float)beta, c, (blasint)ldc);
-    else
-        cblas_dgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, (blasint)m, (blasint)n,
-                    (blasint)k, alpha, a, (blasint)lda, b, (blasint)ldb, beta, c, (blasint)ldc);
-}
 
 /* Geometry of one call. Strides are in elements; the last dim is contiguous. */
 typedef struct {
@@ -100,12 +87,12 @@ static int attn_forward(const attn_geo *g, char *out, char *lse) {
         void *s = malloc(g->es * (size_t)(bq * klen));
         if (!s) { rc = FL_ENOMEM; continue; }
         /* S = scale Q K^T over the visible keys */
-        gemm(g->dt, false, true, bq, klen, g->hd, g->scale, qptr(g, b, h, i0), g->sq[1], kptr(g, b, kvh, klo), g->sk[1], 0.0, s, klen);
+        fl_gemm_call(g->dt, false, true, bq, klen, g->hd, g->scale, qptr(g, b, h, i0), g->sq[1], kptr(g, b, kvh, klo), g->sk[1], 0.0, s, klen);
         char *l = lse + (size_t)((b * g->nh + h) * g->t + i0) * g->es;
         if (g->dt == FL_F32) softmax_rows_float(g, s, i0, bq, klo, klen, (float *)l);
         else softmax_rows_double(g, s, i0, bq, klo, klen, (double *)l);
         /* O = P V */
-        gemm(g->dt, false, false, bq, g->hd, klen, 1.0, s, klen, vptr(g, b, kvh, klo), g->sv[1], 0.0,
+        fl_gemm_call(g->dt, false, false, bq, g->hd, klen, 1.0, s, klen, vptr(g, b, kvh, klo), g->sv[1], 0.0,
              out + (size_t)((b * g->t + i0) * ldo + h * g->hd) * g->es, ldo);
         free(s);
     }
@@ -143,15 +130,15 @@ static int attn_backward_raw(const attn_geo *g, const char *lse, const char *dou
                     if (g->dt == FL_F32) ((float *)dd)[r] = (float)acc;
                     else ((double *)dd)[r] = acc;
                 }
-                gemm(g->dt, false, true, bq, klen, g->hd, g->scale, qptr(g, b, h, i0), g->sq[1], kptr(g, b, kvh, klo), g->sk[1], 0.0, s, klen);
-                gemm(g->dt, false, true, bq, klen, g->hd, 1.0, dob, ldo, vptr(g, b, kvh, klo), g->sv[1], 0.0, dp, klen);
+                fl_gemm_call(g->dt, false, true, bq, klen, g->hd, g->scale, qptr(g, b, h, i0), g->sq[1], kptr(g, b, kvh, klo), g->sk[1], 0.0, s, klen);
+                fl_gemm_call(g->dt, false, true, bq, klen, g->hd, 1.0, dob, ldo, vptr(g, b, kvh, klo), g->sv[1], 0.0, dp, klen);
                 if (g->dt == FL_F32) ds_rows_float(g, (float *)s, (float *)dp, (const float *)l, (const float *)dd, i0, bq, klo, klen);
                 else ds_rows_double(g, (double *)s, (double *)dp, (const double *)l, (const double *)dd, i0, bq, klo, klen);
                 /* dQ = scale dS K;  dK += scale dS^T Q;  dV += P^T dO */
-                gemm(g->dt, false, false, bq, g->hd, klen, g->scale, dp, klen, kptr(g, b, kvh, klo), g->sk[1], 0.0, dq + off * g->es, ldo);
-                gemm(g->dt, true, false, klen, g->hd, bq, g->scale, dp, klen, qptr(g, b, h, i0), g->sq[1], 1.0,
+                fl_gemm_call(g->dt, false, false, bq, g->hd, klen, g->scale, dp, klen, kptr(g, b, kvh, klo), g->sk[1], 0.0, dq + off * g->es, ldo);
+                fl_gemm_call(g->dt, true, false, klen, g->hd, bq, g->scale, dp, klen, qptr(g, b, h, i0), g->sq[1], 1.0,
                      dkb + (size_t)(klo * ldk) * g->es, ldk);
-                gemm(g->dt, true, false, klen, g->hd, bq, 1.0, s, klen, dob, ldo, 1.0, dvb + (size_t)(klo * ldk) * g->es, ldk);
+                fl_gemm_call(g->dt, true, false, klen, g->hd, bq, 1.0, s, klen, dob, ldo, 1.0, dvb + (size_t)(klo * ldk) * g->es, ldk);
             }
         free(s); free(dp); free(dd);
     }

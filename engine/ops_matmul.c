@@ -9,7 +9,7 @@
 #include <cblas.h>
 
 /* One BLAS call: C[m,n] = alpha * op(A) op(B) + beta * C for f32/f64, row-major with leading dims. */
-static void gemm_call(int32_t dt, bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha, const void *a, int64_t lda,
+void fl_gemm_call(int32_t dt, bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha, const void *a, int64_t lda,
                  const void *b, int64_t ldb, double beta, void *c, int64_t ldc) {
     if (m == 0 || n == 0) return;
     if (k == 0) {  /* BLAS leaves C untouched for k = 0 only when beta = 1 */
@@ -44,18 +44,14 @@ static void gemm(int32_t dt, bool ta, bool tb, int64_t m, int64_t n, int64_t k, 
         int64_t lo = i * GEMM_BLOCK, cnt = fl_min64(GEMM_BLOCK, len - lo);
         if (by_rows) {  /* rows lo.. of C come from rows lo.. of op(A) */
             const char *ap = (const char *)a + (size_t)(ta ? lo : lo * lda) * es;
-            gemm_call(dt, ta, tb, cnt, n, k, alpha, ap, lda, b, ldb, beta, (char *)c + (size_t)(lo * ldc) * es, ldc);
+            fl_gemm_call(dt, ta, tb, cnt, n, k, alpha, ap, lda, b, ldb, beta, (char *)c + (size_t)(lo * ldc) * es, ldc);
         } else {        /* columns lo.. of C come from columns lo.. of op(B) */
             const char *bp = (const char *)b + (size_t)(tb ? lo * ldb : lo) * es;
-            gemm_call(dt, ta, tb, m, cnt, k, alpha, a, lda, bp, ldb, beta, (char *)c + (size_t)lo * es, ldc);
+            fl_gemm_call(dt, ta, tb, m, cnt, k, alpha, a, lda, bp, ldb, beta, (char *)c + (size_t)lo * es, ldc);
         }
     }
 }
 
-void fl_gemm(int32_t dt, bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha, const void *a, int64_t lda,
-             const void *b, int64_t ldb, double beta, void *c, int64_t ldc) {
-    gemm(dt, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-}
 
 /* ---- matmul ---- */
 
@@ -101,7 +97,7 @@ static fl_tensor *matmul_raw(const fl_tensor *a0, const fl_tensor *b0, bool ta, 
         int64_t rem = i, ia = 0, ib = 0;
         for (int32_t d = bd - 1; d >= 0; d--) { int64_t x = rem % bshape[d]; rem /= bshape[d]; ia += x * sa[d]; ib += x * sb[d]; }
         if (par_batch)
-            gemm_call(a->dtype, ta, tb, m, n, k, 1.0, pa + (size_t)(ia * stra) * es, lda, pb + (size_t)(ib * strb) * es, ldb, 0.0,
+            fl_gemm_call(a->dtype, ta, tb, m, n, k, 1.0, pa + (size_t)(ia * stra) * es, lda, pb + (size_t)(ib * strb) * es, ldb, 0.0,
                       po + (size_t)(i * m * n) * es, n);
         else
             gemm(a->dtype, ta, tb, m, n, k, 1.0, pa + (size_t)(ia * stra) * es, lda, pb + (size_t)(ib * strb) * es, ldb, 0.0,

@@ -105,21 +105,30 @@ static int sum_dim_backward(fl_node *n, fl_tensor *const *go, fl_tensor **gi) {
     return r ? FL_OK : FL_EINVAL;
 }
 
+/* Geometry of reducing dim d: t viewed as [outer, n, inner]; the result's shape (with or without the dim). */
+static void reduced_geometry(const fl_tensor *t, int32_t d, bool keepdim, int64_t *outer, int64_t *n, int64_t *inner,
+                             int64_t *shape, int32_t *nd) {
+    *outer = 1;
+    *inner = 1;
+    *n = t->shape[d];
+    for (int32_t k = 0; k < d; k++) *outer *= t->shape[k];
+    for (int32_t k = d + 1; k < t->ndim; k++) *inner *= t->shape[k];
+    *nd = 0;
+    for (int32_t k = 0; k < t->ndim; k++) {
+        if (k != d) shape[(*nd)++] = t->shape[k];
+        else if (keepdim) shape[(*nd)++] = 1;
+    }
+}
+
 static fl_tensor *reduce_dim(const char *name, const fl_tensor *t, int32_t dim, bool keepdim, bool mean) {
     if (fl_check_float(name, t) < 0) return NULL;
     int32_t d = fl_wrap_dim(dim, t->ndim);
     if (d < 0) return fl_fail_null(FL_EINVAL, "%s: dim %d out of range for %s", name, dim, fl_shape_str(t));
     fl_tensor *c = fl_contiguous(t);
     if (!c) return NULL;
-    int64_t outer = 1, inner = 1, n = t->shape[d];
-    for (int32_t k = 0; k < d; k++) outer *= t->shape[k];
-    for (int32_t k = d + 1; k < t->ndim; k++) inner *= t->shape[k];
-    int64_t shape[FL_MAX_DIMS];
-    int32_t nd = 0;
-    for (int32_t k = 0; k < t->ndim; k++) {
-        if (k != d) shape[nd++] = t->shape[k];
-        else if (keepdim) shape[nd++] = 1;
-    }
+    int64_t outer, inner, n, shape[FL_MAX_DIMS];
+    int32_t nd;
+    reduced_geometry(t, d, keepdim, &outer, &n, &inner, shape, &nd);
     fl_tensor *out = fl_tensor_empty(nd, shape, t->dtype, FL_CPU);
     if (out) sum_dim_kernel(fl_tensor_data(c), fl_tensor_data(out), t->dtype, outer, n, inner, mean ? 1.0 / (double)n : 1.0);
     fl_tensor_release(c);
@@ -196,15 +205,10 @@ fl_tensor *fl_max_dim(const fl_tensor *t, int32_t dim, bool keepdim, fl_tensor *
     if (d < 0) return fl_fail_null(FL_EINVAL, "max_dim: dim %d out of range for %s", dim, fl_shape_str(t));
     if (t->shape[d] == 0) return fl_fail_null(FL_EINVAL, "max_dim: dim %d of %s is empty", d, fl_shape_str(t));
     fl_tensor *c = fl_contiguous(t);
-    int64_t outer = 1, inner = 1, n = t->shape[d];
-    for (int32_t k = 0; k < d; k++) outer *= t->shape[k];
-    for (int32_t k = d + 1; k < t->ndim; k++) inner *= t->shape[k];
-    int64_t shape[FL_MAX_DIMS];
-    int32_t nd = 0;
-    for (int32_t k = 0; k < t->ndim; k++) {
-        if (k != d) shape[nd++] = t->shape[k];
-        else if (keepdim) shape[nd++] = 1;
-    }
+    if (!c) return NULL;
+    int64_t outer, inner, n, shape[FL_MAX_DIMS];
+    int32_t nd;
+    reduced_geometry(t, d, keepdim, &outer, &n, &inner, shape, &nd);
     fl_tensor *out = fl_tensor_empty(nd, shape, t->dtype, FL_CPU), *idx = fl_tensor_empty(nd, shape, FL_I64, FL_CPU);
     int64_t *ip = fl_tensor_data(idx);
     const void *x = fl_tensor_data(c);

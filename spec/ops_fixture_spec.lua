@@ -4,9 +4,9 @@
 local fsdp = require "fsdp"
 local F = fsdp.F
 local nn = require "fsdp.ops.nn"
-local st_read = require "st_read"
+local safetensors = require "fsdp.safetensors"
 
-local fx = st_read.load("spec/fixtures/ops/expected.safetensors")
+local fx = safetensors.load("spec/fixtures/ops/expected.safetensors")
 
 -- Tolerance for one f32 op on values up to ~3: torch and we round at different points (we accumulate row
 -- statistics in f64, torch in f32 with vectorised partial sums); observed differences are <= 2 ulps (2.4e-7),

@@ -43,6 +43,30 @@ function M.causal_lm_loss(logits, labels)
   return loss
 end
 
+-- Runs a ModuleList of decoder blocks over x, freeing each intermediate as soon as the next block has
+-- consumed it (a checkpointed block keeps its input: it recomputes from it in backward). Extra arguments
+-- go to every block.
+function M.run_blocks(blocks, x, ...)
+  for i = 1, blocks.n do
+    local block = blocks[i]
+    local y = block(x, ...)
+    if not rawget(block, "checkpoint") then x:free() end
+    x = y
+  end
+  return x
+end
+
+-- The forward of every *ForCausalLM: base model, head, and the shifted loss when labels are given.
+function M.causal_lm_forward(self, class_name, base, input_ids, opts)
+  opts = core.check_opts(class_name, opts, M.FORWARD_OPTS, 3)
+  M.check_ids(class_name, input_ids)
+  local h = base(input_ids)
+  local logits = self.lm_head(h); h:free()
+  local loss
+  if opts.labels then loss = M.causal_lm_loss(logits, opts.labels) end
+  return {logits = logits, loss = loss}
+end
+
 function M.check_ids(what, input_ids)
   if not Tensor.is_tensor(input_ids) then
     error(("%s: input_ids must be an integer tensor [B, T], got %s"):format(what, type(input_ids)), 3)

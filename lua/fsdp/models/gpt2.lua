@@ -1,6 +1,5 @@
 -- lua/fsdp/models/gpt2.lua: GPT-2 (GPT2LMHeadModel) with Hugging Face's parameter names, shapes and Conv1D layouts
 -- (hf-models.md §1), its config defaults, init, tiny test config and default FSDP plan.
-local core       = require "fsdp.core"
 local Tensor     = require "fsdp.tensor"
 local Module     = require "fsdp.nn.module"
 local ModuleList = require "fsdp.nn.module_list"
@@ -120,12 +119,7 @@ function Base:forward(input_ids)
   local x = ops.add(tok, pos); tok:free(); pos:free()
   local d = self.drop(x)
   if d ~= x then x:free(); x = d end
-  for i = 1, self.h.n do
-    local layer = self.h[i]
-    local y = layer(x)
-    if not rawget(layer, "checkpoint") then x:free() end  -- a checkpointed block keeps its input to recompute
-    x = y
-  end
+  x = common.run_blocks(self.h, x)
   local out = self.ln_f(x); x:free()
   return out
 end
@@ -133,13 +127,7 @@ end
 local LM = Module.class("GPT2LMHeadModel")
 
 function LM:forward(input_ids, opts)
-  opts = core.check_opts("GPT2LMHeadModel", opts, common.FORWARD_OPTS, 2)
-  common.check_ids("GPT2LMHeadModel", input_ids)
-  local h = self.transformer(input_ids)
-  local logits = self.lm_head(h); h:free()
-  local loss
-  if opts.labels then loss = common.causal_lm_loss(logits, opts.labels) end
-  return {logits = logits, loss = loss}
+  return common.causal_lm_forward(self, "GPT2LMHeadModel", self.transformer, input_ids, opts)
 end
 
 -- Builds the module tree on opts.device (models/init.lua builds on meta and materialises).

@@ -1,6 +1,5 @@
 -- lua/fsdp/models/llama.lua: Llama (LlamaForCausalLM) with Hugging Face's parameter names and shapes
 -- (hf-models.md §2): RMSNorm pre-norm layers, GQA attention with RoPE, SwiGLU MLP, optional biases.
-local core       = require "fsdp.core"
 local Module     = require "fsdp.nn.module"
 local ModuleList = require "fsdp.nn.module_list"
 local Embedding  = require "fsdp.nn.embedding"
@@ -137,12 +136,7 @@ end
 
 function Base:forward(input_ids)
   local x = self.embed_tokens(input_ids)
-  for i = 1, self.layers.n do
-    local layer = self.layers[i]
-    local y = layer(x, nil)   -- positions 0..T-1
-    if not rawget(layer, "checkpoint") then x:free() end  -- a checkpointed layer keeps its input to recompute
-    x = y
-  end
+  x = common.run_blocks(self.layers, x, nil)   -- positions 0..T-1
   local out = self.norm(x); x:free()
   return out
 end
@@ -150,13 +144,7 @@ end
 local LM = Module.class("LlamaForCausalLM")
 
 function LM:forward(input_ids, opts)
-  opts = core.check_opts("LlamaForCausalLM", opts, common.FORWARD_OPTS, 2)
-  common.check_ids("LlamaForCausalLM", input_ids)
-  local h = self.model(input_ids)
-  local logits = self.lm_head(h); h:free()
-  local loss
-  if opts.labels then loss = common.causal_lm_loss(logits, opts.labels) end
-  return {logits = logits, loss = loss}
+  return common.causal_lm_forward(self, "LlamaForCausalLM", self.model, input_ids, opts)
 end
 
 function M.build(cfg, o)
