@@ -7,7 +7,10 @@ BLAS_INC := /usr/include/x86_64-linux-gnu/openblas-openmp
 CFLAGS  ?= -O3 -march=native
 CFLAGS  += -std=c11 -D_GNU_SOURCE -fPIC -fopenmp -Wall -Wextra -Wno-unused-parameter -Iengine -I$(BLAS_INC) \
            $(shell pkg-config --cflags luajit 2>/dev/null)
-LDLIBS  := -lopenblas -lm -lpthread
+MPI_CFLAGS := $(shell mpicc --showme:compile 2>/dev/null)
+MPI_LIBS   := $(shell mpicc --showme:link 2>/dev/null)
+CFLAGS  += $(MPI_CFLAGS)
+LDLIBS  := $(MPI_LIBS) -lopenblas -lm -lpthread
 LUAJIT_LIBS := $(shell pkg-config --libs luajit 2>/dev/null || echo -lluajit-5.1)
 
 ENGINE_SRC := $(filter-out engine/main.c,$(wildcard engine/*.c))
@@ -24,8 +27,11 @@ LDLIBS  += -L$(CUDA_HOME)/lib64 -lcudart -lcublas -lstdc++  # nvcc host code nee
 NVFLAGS ?= -O3 -arch=sm_90 -Xcompiler -fPIC -Iengine -Ikernels
 endif
 
-.PHONY: all deps test demo bench clean install check-c
-all: deps $(BUILD)/fsdp-lua $(BUILD)/libfsdp.so $(CDEF)
+.PHONY: all binaries deps test demo bench clean install
+# deps first, then a fresh make: the compiler flags above ask mpicc and pkg-config, which deps installs.
+all: deps
+	@$(MAKE) --no-print-directory binaries
+binaries: $(BUILD)/fsdp-lua $(BUILD)/libfsdp.so $(CDEF)
 
 # Installs the Debian packages the project needs, only those missing (apt-get update once first).
 deps:
@@ -33,7 +39,7 @@ deps:
 	if [ -n "$$missing" ]; then echo "installing:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi
 
-$(BUILD)/obj/%.o: engine/%.c engine/fsdp.h engine/internal.h $(wildcard kernels/*.h) | deps
+$(BUILD)/obj/%.o: engine/%.c engine/fsdp.h engine/internal.h $(wildcard kernels/*.h)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -c $< -o $@
 
@@ -48,7 +54,7 @@ $(BUILD)/libfsdp.so: $(ENGINE_OBJ) $(KERNEL_OBJ) Makefile
 $(BUILD)/fsdp-lua: $(BUILD)/obj/main.o $(ENGINE_OBJ) $(KERNEL_OBJ)
 	$(CC) -fopenmp -Wl,--export-dynamic -o $@ $^ $(LUAJIT_LIBS) -ledit $(LDLIBS)
 
-$(BUILD)/obj/main.o: engine/main.c engine/fsdp.h | deps
+$(BUILD)/obj/main.o: engine/main.c engine/fsdp.h
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -DFL_LUA_DIR='"$(abspath lua)"' -c $< -o $@
 

@@ -11,6 +11,39 @@ static _Thread_local bool grad_enabled = true;
 static _Atomic int64_t next_seq = 1;
 static _Atomic int64_t live_nodes = 0;
 
+static _Thread_local int32_t backward_depth = 0;
+
+enum { MAX_END_HOOKS = 16 };
+static struct { fl_backward_end_fn fn; void *ctx; } end_hooks[MAX_END_HOOKS];
+static int32_t n_end_hooks = 0;
+
+int fl_autograd_add_end_hook(fl_backward_end_fn fn, void *ctx) {
+    if (n_end_hooks == MAX_END_HOOKS) return fl_fail(FL_ESTATE, "autograd: more than %d end-of-backward hooks", MAX_END_HOOKS);
+    end_hooks[n_end_hooks].fn = fn;
+    end_hooks[n_end_hooks].ctx = ctx;
+    n_end_hooks++;
+    return FL_OK;
+}
+
+void fl_autograd_remove_end_hook(fl_backward_end_fn fn, void *ctx) {
+    for (int32_t i = 0; i < n_end_hooks; i++)
+        if (end_hooks[i].fn == fn && end_hooks[i].ctx == ctx) {
+            memmove(&end_hooks[i], &end_hooks[i + 1], sizeof end_hooks[0] * (size_t)(n_end_hooks - i - 1));
+            n_end_hooks--;
+            return;
+        }
+}
+
+int32_t fl_autograd_depth(void) { return backward_depth; }
+
+static int run_end_hooks(void) {
+    for (int32_t i = 0; i < n_end_hooks; i++) {
+        int rc = end_hooks[i].fn(end_hooks[i].ctx);
+        if (rc < 0) return rc;
+    }
+    return FL_OK;
+}
+
 void fl_grad_set_enabled(bool on) { grad_enabled = on; }
 bool fl_grad_is_enabled(void) { return grad_enabled; }
 int64_t fl_autograd_live_nodes(void) { return atomic_load(&live_nodes); }
@@ -302,7 +335,7 @@ static int discover(engine *e, fl_node *root) {
     return FL_OK;
 }
 
-int fl_backward(fl_tensor *root, const fl_tensor *grad, bool retain_graph) {
+static int backward_run(fl_tensor *root, const fl_tensor *grad, bool retain_graph) {
     if (!root->requires_grad)
         return fl_fail(FL_EINVAL, "backward: tensor %s does not require grad and has no grad_fn", fl_shape_str(root));
     fl_tensor *g0;
@@ -387,6 +420,14 @@ int fl_backward(fl_tensor *root, const fl_tensor *grad, bool retain_graph) {
     free(gin);
     engine_free(&e);
     grad_enabled = was;
+    return rc;
+}
+
+int fl_backward(fl_tensor *root, const fl_tensor *grad, bool retain_graph) {
+    backward_depth++;
+    int rc = backward_run(root, grad, retain_graph);
+    backward_depth--;
+    if (rc == FL_OK && backward_depth == 0) rc = run_end_hooks();
     return rc;
 }
 

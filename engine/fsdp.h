@@ -262,6 +262,56 @@ int fl_st_write_at(const char *path, int64_t offset, int32_t file_dtype, const f
 int fl_file_write_at(const char *path, int64_t offset, const void *data, int64_t nbytes);
 void fl_free(void *p);
 
+/* ---- communication (comm.c: world-size-1 copies and checks; comm_mpi.c: Open MPI) ----
+ * A process group. Collectives take contiguous CPU tensors; a mismatch of dtype or size between ranks is an
+ * error naming the rank (see fl_comm_check), never a hang. A collective that has not completed after the
+ * group's timeout aborts the whole job with a message naming the collective, the group and the rank. */
+typedef struct fl_comm fl_comm;
+typedef struct fl_work fl_work;
+enum fl_reduce_op { FL_REDUCE_SUM = 0, FL_REDUCE_AVG = 1, FL_REDUCE_MAX = 2 };
 
+int fl_dist_init(double timeout_s);         /* joins the ranks started by mpirun (or world size 1 without MPI); idempotent */
+int fl_dist_finalize(void);
+bool fl_dist_is_initialized(void);
+void fl_dist_abort(int32_t code, const char *msg); /* prints msg with the rank prefix and ends every rank */
+fl_comm *fl_comm_world(void);                /* borrowed; NULL before fl_dist_init */
+int32_t fl_comm_rank(const fl_comm *c);
+int32_t fl_comm_size(const fl_comm *c);
+const char *fl_comm_name(const fl_comm *c);
+int32_t fl_comm_global_rank(const fl_comm *c, int32_t group_rank);
+/* Splits c: ranks with the same color form a group, ordered by key. Collective over c. Owned. */
+fl_comm *fl_comm_split(fl_comm *c, int32_t color, int32_t key, const char *name);
+void fl_comm_release(fl_comm *c);            /* NULL-safe; never releases the world */
+void fl_comm_set_timeout(fl_comm *c, double seconds);
+double fl_comm_get_timeout(const fl_comm *c);
+/* Every rank of c passes the same dtype and element count for `what`, or all fail with a message naming the
+ * first rank that differs. Collective over c. */
+int fl_comm_check(fl_comm *c, const char *what, int32_t dtype, int64_t numel);
+
+/* Async collectives return a handle (NULL on error); fl_work_wait completes and frees it.
+ * all_gather: out has size * numel(in) elements, rank-major. reduce_scatter: in has size * numel(out)
+ * elements, rank r receives chunk r. bf16/f16 sums accumulate in f32. */
+fl_work *fl_all_gather_async(fl_comm *c, fl_tensor *out, const fl_tensor *in);
+fl_work *fl_reduce_scatter_async(fl_comm *c, fl_tensor *out, const fl_tensor *in, int32_t op);
+fl_work *fl_all_reduce_async(fl_comm *c, fl_tensor *t, int32_t op);
+fl_work *fl_broadcast_async(fl_comm *c, fl_tensor *t, int32_t root);
+fl_work *fl_barrier_async(fl_comm *c);
+fl_work *fl_send_async(fl_comm *c, const fl_tensor *t, int32_t dst, int32_t tag);
+fl_work *fl_recv_async(fl_comm *c, fl_tensor *t, int32_t src, int32_t tag);
+int fl_work_wait(fl_work *w);                /* NULL-safe; frees w */
+bool fl_work_test(fl_work *w);               /* true when complete (then still wait to free) */
+/* Blocking forms. */
+int fl_all_gather(fl_comm *c, fl_tensor *out, const fl_tensor *in);
+int fl_reduce_scatter(fl_comm *c, fl_tensor *out, const fl_tensor *in, int32_t op);
+int fl_all_reduce(fl_comm *c, fl_tensor *t, int32_t op);
+int fl_broadcast(fl_comm *c, fl_tensor *t, int32_t root);
+int fl_barrier(fl_comm *c);
+int fl_send(fl_comm *c, const fl_tensor *t, int32_t dst, int32_t tag);
+int fl_recv(fl_comm *c, fl_tensor *t, int32_t src, int32_t tag);
+/* Time spent inside collectives (waiting included) since the last reset, for the bench's exposed-comm figure. */
+double fl_comm_time_total(void);
+void fl_comm_time_reset(void);
+/* When set, collectives return immediately without communicating (the bench's "communication skipped" run). */
+void fl_comm_set_skip(bool skip);
 
 #endif

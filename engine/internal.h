@@ -125,4 +125,12 @@ static inline bool fl_node_needs(const fl_node *n, int32_t i) { return n->next[i
  * owned by out) or NULL. */
 fl_node *fl_record(const char *name, fl_backward_fn fn, int32_t n_in, const fl_tensor *const *ins, fl_tensor *out);
 
+/* Callbacks run at the end of every outermost backward (nested backwards, e.g. checkpoint recomputes, do not
+ * fire them), in registration order: DDP's gradient all-reduce, FSDP's final pass. Registration is
+ * permanent until removed. A negative return fails the backward with the callback's message. */
+typedef int (*fl_backward_end_fn)(void *ctx);
+int fl_autograd_add_end_hook(fl_backward_end_fn fn, void *ctx);
+void fl_autograd_remove_end_hook(fl_backward_end_fn fn, void *ctx);
+int32_t fl_autograd_depth(void);             /* backwards running now on this thread (0 outside backward) */
+
 #endif
