@@ -86,6 +86,9 @@ static fl_node *grad_acc_of(fl_tensor *leaf) {
     if (!leaf->grad_acc) {
         fl_node *a = node_alloc("AccumulateGrad", 0, 1);
         if (!a) return NULL;
+        /* Accumulation runs as soon as it is ready (as in PyTorch): gradients land early, and FSDP can
+         * reduce a unit while the rest of backward runs. Ties are broken by the heap, the same on every rank. */
+        a->seq = INT64_MAX;
         a->leaf = leaf;
         leaf->grad_acc = a;
     }
@@ -331,6 +334,13 @@ static int discover(engine *e, fl_node *root) {
             s->deps++;
         }
     }
+    for (int64_t i = 0; i < e->cap; i++) {
+        fl_node *x = e->slots[i].node;
+        if (x && x->leaf && x->leaf->hook) {
+            fl_leaf_hook *h = x->leaf->hook;
+            if (h->reachable) h->reachable(h);
+        }
+    }
     free(stack);
     return FL_OK;
 }
@@ -373,6 +383,10 @@ static int backward_run(fl_tensor *root, const fl_tensor *grad, bool retain_grap
         node_state *st = lookup(&e, n, false);
         if (n->leaf || (!n->backward && !n->custom)) {  /* AccumulateGrad (or its leaf is gone) */
             if (n->leaf && st->grads && st->grads[0]) { rc = accumulate_leaf(n->leaf, st->grads[0]); st->grads[0] = NULL; }
+            if (rc == FL_OK && n->leaf && n->leaf->hook) {
+                fl_leaf_hook *h = n->leaf->hook;
+                if (h->ready) rc = h->ready(h);
+            }
             continue;
         }
         if (n->released) {

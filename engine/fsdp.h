@@ -314,4 +314,60 @@ void fl_comm_time_reset(void);
 /* When set, collectives return immediately without communicating (the bench's "communication skipped" run). */
 void fl_comm_set_skip(bool skip);
 
+/* ---- FSDP units (fsdp.c) ----
+ * A unit is what one fully_shard call makes: parameters sharded on dim 0 over a shard group (ceil(d0/N) rows
+ * per rank, the last chunks short or empty, zero-padded in the collectives), gathered together through one
+ * flat buffer and reduced together. Units belong to a group (one per model) that records the forward order
+ * for prefetching and runs the final pass at the end of backward. */
+typedef struct fl_fsdp_group fl_fsdp_group;
+typedef struct fl_fsdp_unit fl_fsdp_unit;
+
+fl_fsdp_group *fl_fsdp_group_new(void);       /* owned; registers the end-of-backward pass */
+void fl_fsdp_group_release(fl_fsdp_group *g); /* releases its units too */
+/* `full` are the module's parameters (leaves, cpu with data or meta). The unit makes the local shards (f32
+ * leaves that require grad: what the optimizer steps), copying their rows from `full` when it has data, then
+ * frees the full storages. replicate may be NULL (no HSDP). param_dtype is the dtype of the gathered weights,
+ * reduce_dtype that of the reduce-scatter. Collective over the shard group (checks sizes agree). */
+fl_fsdp_unit *fl_fsdp_unit_new(fl_fsdp_group *g, const char *name, fl_comm *shard, fl_comm *replicate, int32_t n,
+                               fl_tensor *const *full, int32_t param_dtype, int32_t reduce_dtype,
+                               bool reshard_after_forward);
+fl_tensor *fl_fsdp_unit_shard(fl_fsdp_unit *u, int32_t i);  /* owned ref to parameter i's local shard */
+int64_t fl_fsdp_unit_shard_row0(const fl_fsdp_unit *u, int32_t i); /* first full row this rank holds */
+int fl_fsdp_pre_forward(fl_fsdp_unit *u);      /* reshard finished units, unshard u, prefetch the next */
+/* Returns a view of out whose backward unshards u before u's backward runs (and prefetches the unit before
+ * it); marks u to be resharded when forward moves on. Owned. */
+fl_tensor *fl_fsdp_post_forward(fl_fsdp_unit *u, fl_tensor *out);
+int fl_fsdp_unshard(fl_fsdp_unit *u, bool async); /* async: issue the all-gather and return */
+int fl_fsdp_reshard(fl_fsdp_unit *u);
+void fl_fsdp_set_sync(fl_fsdp_unit *u, bool sync);  /* off: keep unsharded grads across micro-steps */
+bool fl_fsdp_is_unsharded(const fl_fsdp_unit *u);
+int32_t fl_fsdp_group_unsharded_count(const fl_fsdp_group *g, bool freeing_only); /* units holding full weights now; freeing_only: only reshard_after_forward units */
+int32_t fl_fsdp_group_peak_unsharded(fl_fsdp_group *g, bool reset); /* most reshard_after_forward units holding full weights at once in forward */
+
+/* ---- DDP (ddp.c) ----
+ * Replication over a process group, as torch's DistributedDataParallel. Creation is collective over c:
+ * every rank must pass the same number of parameters with the same dtypes and shapes, or every rank fails
+ * with a message naming the first differing parameter and rank; rank 0's values are then broadcast.
+ * Gradients are averaged at the end of a backward that follows fl_ddp_prepare_backward (called by the
+ * model's forward), while sync is on: flat buckets of up to bucket_cap_bytes (f32; f64 for f64 parameters),
+ * parameters in reverse order, one async all-reduce per bucket. A parameter with a grad on some rank but not
+ * on this one is reduced as zeros here (and gets the averaged grad); one with no grad on any rank keeps none.
+ * Every reducing backward is a collective over c: all ranks must run it. Global state: ddp.c's list of live
+ * DDP objects, which share one end-of-backward hook. */
+typedef struct fl_ddp fl_ddp;
+/* params: n leaves (retained), names: n strings for messages (copied; NULL or NULL entries use "#i").
+ * c is borrowed and must outlive the ddp. bucket_cap_bytes < 0 means 25 MiB (torch's default), 0 one
+ * parameter per bucket. Owned (fl_ddp_release); NULL on error. */
+fl_ddp *fl_ddp_new(fl_comm *c, int32_t n, fl_tensor *const *params, const char *const *names, int64_t bucket_cap_bytes);
+void fl_ddp_release(fl_ddp *d);              /* NULL-safe; leaves the hook (removed with the last ddp), releases the params */
+/* The next outermost backward reduces (counted: two forwards, two reducing backwards). No effect with grad
+ * mode off or inside a running backward (activation-checkpoint recomputes). */
+void fl_ddp_prepare_backward(fl_ddp *d);
+void fl_ddp_set_sync(fl_ddp *d, bool on);    /* off: backwards keep their grads local (accumulation micro-steps) */
+bool fl_ddp_get_sync(const fl_ddp *d);
+int fl_ddp_sync_grads(fl_ddp *d);            /* averages the grads now, as the hook does; collective over c */
+int32_t fl_ddp_num_buckets(const fl_ddp *d);
+/* Number of parameters in bucket b; with idx non-NULL also their 0-based indices, in bucket order. */
+int32_t fl_ddp_bucket_params(const fl_ddp *d, int32_t b, int32_t *idx);
+
 #endif

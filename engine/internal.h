@@ -131,6 +131,14 @@ fl_node *fl_record(const char *name, fl_backward_fn fn, int32_t n_in, const fl_t
 typedef int (*fl_backward_end_fn)(void *ctx);
 int fl_autograd_add_end_hook(fl_backward_end_fn fn, void *ctx);
 void fl_autograd_remove_end_hook(fl_backward_end_fn fn, void *ctx);
-int32_t fl_autograd_depth(void);             /* backwards running now on this thread (0 outside backward) */
+int32_t fl_autograd_depth(void);
+
+/* A leaf's hook (fl_tensor.hook points at one): `reachable` runs for every leaf whose accumulate node a
+ * backward's graph reaches, before any node runs; `ready` runs right after that leaf's gradient has been
+ * accumulated. FSDP counts a unit's pending gradients with them and reduce-scatters when the last arrives. */
+typedef struct fl_leaf_hook {
+    void (*reachable)(struct fl_leaf_hook *h);
+    int (*ready)(struct fl_leaf_hook *h);
+} fl_leaf_hook;             /* backwards running now on this thread (0 outside backward) */
 
 #endif

@@ -1,12 +1,16 @@
 /* engine/main.c: the fsdp-lua executable. Embeds LuaJIT, points package.path at the lua/ library, and runs
  * a script, a -e statement or the interactive REPL (line editing through libedit). The engine itself is
- * reached from Lua through the FFI (the executable exports its fl_* symbols). */
+ * reached from Lua through the FFI (the executable exports its fl_* symbols). `-n N` re-executes the same
+ * command under mpirun (the launcher); each rank joins the job at start, so that an uncaught error on any rank
+ * prints that rank's traceback and ends the whole job. */
 #include "fsdp.h"
 
 #include <editline/readline.h>
+#include <errno.h>
 #include <lauxlib.h>
 #include <limits.h>
 #include <lua.h>
+#include <sched.h>
 #include <lualib.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -20,12 +24,19 @@
 
 static const char *usage =
     "usage: fsdp-lua [options] [script.lua [args...]]\n"
+    "  -n N         run N ranks: re-executes this command under `mpirun -np N` (N = 1 runs directly)\n"
     "  -e STMT      run the Lua statement STMT (may repeat; runs before the script)\n"
     "  -i           enter the interactive REPL after the script (the default when no script is given)\n"
     "  -h, --help   show this help\n"
     "  -v, --version\n"
-    "Environment: FSDP_LUA_PATH overrides where the lua/ library is found; OMP_NUM_THREADS sets threads.\n"
+    "Environment: FSDP_LUA_PATH overrides where the lua/ library is found; OMP_NUM_THREADS sets threads\n"
+    "(with -n N it defaults to max(1, cores / N), so the ranks share the cores).\n"
+    "Multi-node: run `mpirun ... fsdp-lua script.lua` yourself; every rank joins the job when it starts.\n"
+    "An uncaught error on any rank prints \"[rank R] <error and traceback>\" and ends the job non-zero.\n"
     "Scripts `require \"fsdp\"`; see README.md.\n";
+
+/* True when this process is one rank of a job of several (an error then ends the whole job). */
+static bool multi_rank(void) { return fl_dist_is_initialized() && fl_comm_size(fl_comm_world()) > 1; }
 
 static bool is_dir(const char *p) {
     struct stat st;
@@ -61,11 +72,78 @@ static int traceback(lua_State *L) {
 
 static int report(lua_State *L, int status) {
     if (status != 0) {
-        fprintf(stderr, "fsdp-lua: %s\n", lua_tostring(L, -1));
+        const char *msg = lua_tostring(L, -1);
+        if (!msg) msg = "(error object is not a string)";
+        /* The other ranks would wait for this one in their next collective until the timeout: end them now. */
+        if (multi_rank()) fl_dist_abort(1, msg);
+        fprintf(stderr, "fsdp-lua: %s\n", msg);
         fflush(stderr);
         lua_pop(L, 1);
     }
     return status;
+}
+
+/* os.exit in a job of several ranks: status 0 leaves the job cleanly (MPI finalized); any other status ends
+ * every rank with it, as an uncaught error does, instead of leaving the others waiting in a collective. */
+static int dist_os_exit(lua_State *L) {
+    int status;
+    if (lua_isnoneornil(L, 1) || (lua_isboolean(L, 1) && lua_toboolean(L, 1))) status = 0;
+    else if (lua_isboolean(L, 1)) status = 1;
+    else status = (int)luaL_checkinteger(L, 1);
+    fflush(stdout);
+    if (status != 0) fl_dist_abort(status, NULL);
+    fl_dist_finalize();
+    exit(0);
+}
+
+static int count_cores(void) {
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof set, &set) == 0) return CPU_COUNT(&set);
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    return n > 0 ? (int)n : 1;
+}
+
+/* `fsdp-lua -n N opts script args` -> `mpirun -np N <container flags> fsdp-lua opts script args`. Returns only on
+ * failure; mpirun's exit status becomes ours. */
+static int launch(int n, int argc, char **argv, int n_at) {
+    char exe[PATH_MAX];
+    ssize_t len = readlink("/proc/self/exe", exe, sizeof exe - 1);
+    if (len <= 0) { fprintf(stderr, "fsdp-lua: -n: cannot find this executable: %s\n", strerror(errno)); return 1; }
+    exe[len] = 0;
+    /* The ranks find the same lua/ library as this process, and split the cores between them. */
+    char dir[PATH_MAX + 64];
+    find_lua_dir(dir, sizeof dir);
+    setenv("FSDP_LUA_PATH", dir, 1);
+    const char *omp = getenv("OMP_NUM_THREADS");
+    if (!omp || !*omp) {
+        char th[16];
+        int per = count_cores() / n;
+        snprintf(th, sizeof th, "%d", per < 1 ? 1 : per);
+        setenv("OMP_NUM_THREADS", th, 1);
+    }
+    char np[16];
+    snprintf(np, sizeof np, "%d", n);
+    /* A container needs: more ranks than slots (--oversubscribe), root, shared memory without CMA
+     * (vader single-copy none). --bind-to none and yield_when_idle: each rank also runs a communication thread,
+     * and a rank spinning in MPI must not take a core from the compute threads. -x exports to remote nodes. */
+    const char *fixed[] = {"mpirun", "-np", np, "--oversubscribe", "--allow-run-as-root", "--bind-to", "none",
+                           "--mca", "btl", "self,vader", "--mca", "btl_vader_single_copy_mechanism", "none",
+                           "--mca", "mpi_yield_when_idle", "1", "-x", "OMP_NUM_THREADS", "-x", "FSDP_LUA_PATH"};
+    int nfixed = (int)(sizeof fixed / sizeof fixed[0]);
+    char **av = calloc((size_t)(nfixed + 5 + argc), sizeof *av);
+    if (!av) { fprintf(stderr, "fsdp-lua: -n: out of memory\n"); return 1; }
+    int k = 0;
+    for (int i = 0; i < nfixed; i++) av[k++] = (char *)fixed[i];
+    if (getenv("LUA_PATH")) { av[k++] = "-x"; av[k++] = "LUA_PATH"; }
+    av[k++] = exe;
+    for (int i = 1; i < argc; i++)
+        if (i != n_at && i != n_at + 1) av[k++] = argv[i];
+    av[k] = NULL;
+    fflush(stdout);
+    execvp("mpirun", av);
+    fprintf(stderr, "fsdp-lua: -n %d: cannot run mpirun: %s (install openmpi-bin)\n", n, strerror(errno));
+    free(av);
+    return 127;
 }
 
 static int docall(lua_State *L, int nargs) {
@@ -117,10 +195,22 @@ static int run_repl(lua_State *L) {
 
 int main(int argc, char **argv) {
     const char *stmts[64];
-    int nstmts = 0, script = 0;
+    int nstmts = 0, script = 0, nranks = 0, n_at = 0;
     bool interactive = false;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
+        if (!strcmp(a, "-n")) {
+            char *end = NULL;
+            long v = i + 1 < argc ? strtol(argv[i + 1], &end, 10) : 0;
+            if (i + 1 >= argc || !end || *end || end == argv[i + 1] || v < 1 || v > 100000) {
+                fprintf(stderr, "fsdp-lua: -n needs a number of ranks >= 1, got '%s'\n%s", i + 1 < argc ? argv[i + 1] : "",
+                        usage);
+                return 2;
+            }
+            nranks = (int)v;
+            n_at = i++;
+            continue;
+        }
         if (!strcmp(a, "-h") || !strcmp(a, "--help")) { fputs(usage, stdout); return 0; }
         if (!strcmp(a, "-v") || !strcmp(a, "--version")) { printf("fsdp-lua %s (LuaJIT, OpenBLAS)\n", fl_version()); return 0; }
         if (!strcmp(a, "-i")) { interactive = true; continue; }
@@ -134,9 +224,28 @@ int main(int argc, char **argv) {
         script = i;
         break;
     }
+    if (nranks > 0 && getenv("OMPI_COMM_WORLD_SIZE")) {
+        fprintf(stderr, "fsdp-lua: -n %d given inside an MPI job (already started by mpirun); drop -n\n", nranks);
+        return 2;
+    }
+    if (nranks > 1) return launch(nranks, argc, argv, n_at);
+
+    /* Join the job now (world size 1 without mpirun: no MPI), so that errors below know the rank. */
+    if (fl_dist_init(0) < 0) {
+        fprintf(stderr, "fsdp-lua: cannot join the MPI job: %s\n", fl_last_error());
+        return 1;
+    }
+    if (multi_rank()) setvbuf(stdout, NULL, _IOLBF, 0);  /* whole lines from each rank, and none lost on abort */
+
     lua_State *L = luaL_newstate();
     if (!L) { fprintf(stderr, "fsdp-lua: cannot create a Lua state\n"); return 1; }
     luaL_openlibs(L);
+    if (multi_rank()) {
+        lua_getglobal(L, "os");
+        lua_pushcfunction(L, dist_os_exit);
+        lua_setfield(L, -2, "exit");
+        lua_pop(L, 1);
+    }
 
     char dir[PATH_MAX + 64], buf[3 * PATH_MAX + 256];
     find_lua_dir(dir, sizeof dir);
@@ -173,6 +282,10 @@ int main(int argc, char **argv) {
         report(L, status);
     }
     if (!status && (interactive || (!script && nstmts == 0))) status = run_repl(L);
-    lua_close(L);
+    lua_close(L);   /* collects Lua's handles first: groups are released before MPI goes */
+    if (fl_dist_finalize() < 0) {
+        fprintf(stderr, "fsdp-lua: %s\n", fl_last_error());
+        if (!status) status = 1;
+    }
     return status ? 1 : 0;
 }

@@ -44,6 +44,13 @@ fsdp.F = {}
 for k, v in pairs(basic) do fsdp.F[k] = v end
 for k, v in pairs(nnops) do fsdp.F[k] = v end
 
+-- Joining the job, meshes and collectives (fsdp.dist): fsdp.init{seed =, timeout =}, fsdp.world_size(),
+-- fsdp.rank(), fsdp.mesh{dp_replicate = R, dp_shard = S}, fsdp.barrier(); the rest is fsdp.dist.*.
+local dist = require "fsdp.dist"
+fsdp.dist = dist
+fsdp.init, fsdp.world_size, fsdp.rank = dist.init, dist.world_size, dist.rank
+fsdp.mesh, fsdp.barrier = dist.mesh, dist.barrier
+
 -- Global gradient-norm clipping over a list of parameters (torch.nn.utils.clip_grad_norm_); returns the norm.
 function fsdp.clip_grad_norm(params, max_norm, opts) return require("fsdp.optim").clip_grad_norm(params, max_norm, opts) end
 

@@ -17,13 +17,13 @@ local M = {
   architectures = {"GPT2LMHeadModel"},
   base_prefix = "transformer",
   tied = {["lm_head.weight"] = "transformer.wte.weight"},
-  -- Default FSDP plan (data, as transformers' _fsdp_plan): embeddings and blocks free their gathered weights after
-  -- forward; the final norm and the head keep theirs (backward needs them at once). wpe stays in the root unit.
+  -- Default FSDP plan (data, as transformers' _fsdp_plan; format in fsdp/plan.lua): the two embeddings form one unit
+  -- and each block is one, both freeing their gathered weights after forward; the final norm and the head form one
+  -- unit that keeps them (backward needs them at once). Tied, the head's unit and the embeddings' merge into one.
   fsdp_plan = {
-    ["transformer.wte"] = "free_full_weight",
+    {group = {"transformer.wte", "transformer.wpe"}, "free_full_weight"},
     ["transformer.h.*"] = "free_full_weight",
-    ["transformer.ln_f"] = "keep_full_weight",
-    ["lm_head"] = "keep_full_weight",
+    {group = {"transformer.ln_f", "lm_head"}, "keep_full_weight"},
   },
 }
 

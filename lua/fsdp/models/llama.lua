@@ -15,11 +15,13 @@ local M = {
   architectures = {"LlamaForCausalLM"},
   base_prefix = "model",
   tied = {["lm_head.weight"] = "model.embed_tokens.weight"},
+  -- Default FSDP plan (format in fsdp/plan.lua): embedding and decoder layers free their gathered weights after
+  -- forward; the final norm and the head share a unit that keeps them (backward needs them at once). Tied, the
+  -- head's unit and the embedding's merge into one.
   fsdp_plan = {
     ["model.embed_tokens"] = "free_full_weight",
     ["model.layers.*"] = "free_full_weight",
-    ["model.norm"] = "keep_full_weight",
-    ["lm_head"] = "keep_full_weight",
+    {group = {"model.norm", "lm_head"}, "keep_full_weight"},
   },
 }
 

@@ -139,8 +139,20 @@ function Module:named_modules(prefix)
   end
 end
 
+-- Full parameter -> its local shard, once FSDP has sharded it (weak: the map never keeps a tensor alive).
+Module.shard_of = setmetatable({}, {__mode = "k"})
+
 -- List of {name, tensor, module, local_name}, each tensor once (a tied weight keeps its first name, as torch).
+-- Under FSDP the tensor is the local shard (what optimizers and clipping see); full_parameter_list gives
+-- the modules' own (full-shape) tensors.
 function Module:parameter_list()
+  local list = self:full_parameter_list()
+  local shard_of = Module.shard_of
+  for _, e in ipairs(list) do e[2] = shard_of[e[2]] or e[2] end
+  return list
+end
+
+function Module:full_parameter_list()
   local out, seen, mods = {}, {}, {}
   collect_modules(self, "", mods, {})
   for _, e in ipairs(mods) do
@@ -243,6 +255,11 @@ end
 -- m(...) runs forward; a module flagged `checkpoint` (activation checkpointing) runs it through
 -- fsdp.autograd.checkpoint so that its activations are recomputed in backward instead of kept.
 function Module.__call(self, x, ...)
+  if rawget(self, "_fsdp_unit") then return Module.fsdp_call(self, x, ...) end  -- fsdp.fsdp hooks the unit's modules
+  return Module.plain_call(self, x, ...)
+end
+
+function Module.plain_call(self, x, ...)
   if rawget(self, "checkpoint") then
     local n, rest = select("#", ...), {...}
     return require("fsdp.autograd").checkpoint(function(h)

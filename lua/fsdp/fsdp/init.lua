@@ -1,0 +1,280 @@
+-- lua/fsdp/fsdp/init.lua: applying FSDP to a module tree. A plan (fsdp.plan) says which modules form which
+-- unit; this file makes the engine units (engine/fsdp.c), initialises or copies the local shards, and hooks
+-- the units' modules so that calling them unshards first and registers the pre-backward node on their outputs.
+-- After it, model:parameters() yields the local shards (what the optimizer steps).
+local ffi    = require "ffi"
+local core   = require "fsdp.core"
+local Tensor = require "fsdp.tensor"
+local Module = require "fsdp.nn.module"
+
+local C = core.C
+local M = {}
+
+-- Engine units of a model's modules, and the group each model's units share (keeps them alive).
+local unit_of_module = setmetatable({}, {__mode = "k"})
+-- Local shard -> the process group it is sharded over (gradient-norm clipping sums over it).
+M.comm_of_shard = setmetatable({}, {__mode = "k"})
+
+local function dist() return require "fsdp.dist" end
+
+-- Shard and replicate process groups from opts.mesh: a 1-D mesh shards over its only dim; a mesh with
+-- dp_shard (and optionally dp_replicate) shards over dp_shard and all-reduces over dp_replicate (HSDP).
+local function comms_of(mesh)
+  local d = dist()
+  if mesh == nil then
+    d.init()
+    return C.fl_comm_world(), nil
+  end
+  return d.mesh_comms(mesh)
+end
+
+local DTYPES = {f32 = true, f64 = true, bf16 = true}
+
+local function mp_dtypes(mp, what)
+  if mp == nil then return "f32", "f32", nil end
+  local pd, rd, od = mp.param_dtype or "f32", mp.reduce_dtype or "f32", mp.output_dtype
+  for k, v in pairs {param_dtype = pd, reduce_dtype = rd, output_dtype = od} do
+    if v ~= nil and not DTYPES[v] then
+      error(("%s: mixed_precision.%s '%s' (valid: f32, f64, bf16)"):format(what, k, tostring(v)), 4)
+    end
+  end
+  return pd, rd, od
+end
+
+-- Runs the module under its unit: unshard before, pre-backward node on the output after.
+local function call_sharded(self, u, x, ...)
+  core.check(C.fl_fsdp_pre_forward(u.ptr), "fsdp " .. u.name, 3)
+  local out = u.forward_call(self, x, ...)
+  if Tensor.is_tensor(out) and out.requires_grad then
+    local v = Tensor.own(C.fl_fsdp_post_forward(u.ptr, out._p), "fsdp " .. u.name)
+    out:free()
+    if u.output_dtype and v.dtype ~= u.output_dtype then
+      local c = v:to(u.output_dtype); v:free(); v = c
+    end
+    return v
+  end
+  return out
+end
+
+Module.fsdp_call = function(self, x, ...)
+  local u = rawget(self, "_fsdp_unit")
+  return call_sharded(self, u, x, ...)
+end
+
+-- Makes one unit over `params` (a list of {name, tensor, module, local_name} from parameter_list) on the
+-- modules `mods`. Shards of meta parameters are initialised from their init spec for this rank's rows only.
+local function make_unit(group, spec, params, mods, opts)
+  local shard_comm, rep_comm = comms_of(opts.mesh)
+  local pd, rd, od = mp_dtypes(spec.mixed_precision, "fully_shard " .. spec.name)
+  local n = #params
+  local arr = ffi.new("fl_tensor *[?]", math.max(n, 1))
+  for i, e in ipairs(params) do arr[i - 1] = e[2]._p end
+  local up = C.fl_fsdp_unit_new(group.ptr, spec.name, shard_comm, rep_comm, n, arr, core.dtypes[pd], core.dtypes[rd],
+                                spec.reshard_after_forward and true or false)
+  if up == nil then error(core.last_error(), 3) end
+  local u = {ptr = up, name = spec.name, params = params, shards = {}, output_dtype = od, cpu_offload = spec.cpu_offload,
+             forward_call = Module.plain_call}
+  local seed = opts.seed or 0
+  for i, e in ipairs(params) do
+    local shard = Tensor.wrap(C.fl_fsdp_unit_shard(up, i - 1))
+    local full = e[2]
+    if e[5] then   -- was on meta: initialise this rank's rows as the full initialisation would have them
+      local init = e[3]._param_init[e[4]]
+      local row0 = tonumber(C.fl_fsdp_unit_shard_row0(up, i - 1))
+      local row_numel = full:numel() / math.max(full:size(1), 1)
+      if init[1] ~= "keep" and shard:numel() > 0 then Module.init_values(shard, init, seed, e[1], row0 * row_numel) end
+    end
+    Module.shard_of[full] = shard
+    M.comm_of_shard[shard] = shard_comm
+    u.shards[i] = shard
+  end
+  group.units[#group.units + 1] = u
+  for _, m in ipairs(mods) do
+    if rawget(m, "_fsdp_unit") then
+      error(("fully_shard %s: module already belongs to unit %s"):format(spec.name, m._fsdp_unit.name), 3)
+    end
+    rawset(m, "_fsdp_unit", u)
+    unit_of_module[m] = u
+  end
+  return u
+end
+
+local function new_group()
+  local gp = C.fl_fsdp_group_new()
+  if gp == nil then error(core.last_error(), 3) end
+  return {ptr = ffi.gc(gp, C.fl_fsdp_group_release), units = {}}
+end
+
+local function param_entries(model)
+  local by_name = {}
+  for _, e in ipairs(model:full_parameter_list()) do
+    e[5] = e[2].device == "meta"
+    by_name[e[1]] = e
+  end
+  return by_name
+end
+
+local function modules_by_name(model)
+  local t = {}
+  for name, m in model:named_modules() do t[name] = m end
+  return t
+end
+
+local APPLY_OPTS = {mesh = true, seed = true}
+
+-- apply_plan(model, plan, {mesh=, seed=}): plan is "auto", "declared", {mode="manual", modules={...}}, a
+-- function plan, ... (see fsdp.plan). Units are made bottom-up, the root last; returns the model.
+function M.apply_plan(model, plan, opts)
+  opts = core.check_opts("apply_plan", opts, APPLY_OPTS, 2)
+  if rawget(model, "_fsdp_group") then error("apply_plan: the model is already sharded", 2) end
+  local units = require("fsdp.plan").resolve(model, plan)
+  local params, mods = param_entries(model), modules_by_name(model)
+  local group = new_group()
+  rawset(model, "_fsdp_group", group)
+  for _, spec in ipairs(units) do
+    local plist, mlist = {}, {}
+    for _, pn in ipairs(spec.params) do
+      local e = params[pn]
+      if not e then error(("apply_plan: unit %s names parameter '%s', which the model does not have"):format(spec.name, pn), 2) end
+      plist[#plist + 1] = e
+    end
+    local names = {}
+    for _, mn in ipairs(spec.modules) do names[#names + 1] = mn end
+    -- modules the root claims that use one of this unit's tied weights: calling them unshards this unit too
+    for _, mn in ipairs(spec.extra_modules or {}) do names[#names + 1] = mn end
+    for _, mn in ipairs(names) do
+      local m = mods[mn]
+      if not m then error(("apply_plan: unit %s names module '%s', which the model does not have"):format(spec.name, mn), 2) end
+      mlist[#mlist + 1] = m
+    end
+    if #plist > 0 then make_unit(group, spec, plist, mlist, opts) end
+  end
+  return model
+end
+
+local FULLY_SHARD = {mesh = true, reshard_after_forward = true, mp_policy = true, seed = true, group = true}
+
+-- fully_shard(module_or_list, {mesh=, reshard_after_forward=true, mp_policy={param_dtype=, reduce_dtype=,
+-- output_dtype=}}): one unit over every parameter of the module(s) that no earlier fully_shard claimed —
+-- call it on the blocks first, then on the root, as with PyTorch FSDP2. Units of one model share a group:
+-- pass {group = fsdp.fsdp.group(model)} or let the first call on a module tree create it on that module.
+function M.fully_shard(target, opts)
+  opts = core.check_opts("fully_shard", opts, FULLY_SHARD, 2)
+  local list = (getmetatable(target) ~= nil and rawget(target, "_params")) and {target} or target
+  if type(list) ~= "table" or #list == 0 then error("fully_shard: expected a module or a list of modules", 2) end
+  M._default_group = M._default_group or new_group()
+  local group = opts.group or M._default_group
+  local plist, claimed = {}, {}
+  for _, m in ipairs(list) do
+    for _, e in ipairs(m:full_parameter_list()) do
+      local t = e[2]
+      if not Module.shard_of[t] and not claimed[t] then
+        claimed[t] = true
+        e[5] = t.device == "meta"
+        plist[#plist + 1] = e
+      end
+    end
+  end
+  local spec = {name = list[1].__name or "module", reshard_after_forward = opts.reshard_after_forward ~= false,
+                mixed_precision = opts.mp_policy}
+  if #plist == 0 then error("fully_shard: the module(s) have no parameters left to shard", 2) end
+  return make_unit(group, spec, plist, list, opts)
+end
+
+-- Gradient sync for accumulation micro-steps (FSDP2's set_requires_gradient_sync).
+function M.set_requires_gradient_sync(model, on)
+  local g = rawget(model, "_fsdp_group")
+  if not g then error("set_requires_gradient_sync: the model is not sharded", 2) end
+  for _, u in ipairs(g.units) do C.fl_fsdp_set_sync(u.ptr, on and true or false) end
+end
+
+-- The units of a sharded model with this rank's rows of each parameter.
+function M.shards(model)
+  local g = rawget(model, "_fsdp_group")
+  if not g then error("shards: the model is not sharded", 2) end
+  local out = {}
+  for i, u in ipairs(g.units) do
+    local ps = {}
+    for j, e in ipairs(u.params) do
+      local row0 = tonumber(C.fl_fsdp_unit_shard_row0(u.ptr, j - 1))
+      ps[j] = {name = e[1], shape = e[2]:shape(), first_row = row0, rows = u.shards[j]:size(1)}
+    end
+    out[i] = {name = u.name, params = ps, unsharded = C.fl_fsdp_is_unsharded(u.ptr)}
+  end
+  return out
+end
+
+function M.group(model) return rawget(model, "_fsdp_group") end
+
+-- Units of the model holding full weights right now, and the most reshard-after-forward units held at once.
+function M.unsharded_count(model, freeing_only)
+  return C.fl_fsdp_group_unsharded_count(M.group(model).ptr, freeing_only and true or false)
+end
+
+function M.peak_unsharded(model, reset)
+  return C.fl_fsdp_group_peak_unsharded(M.group(model).ptr, reset and true or false)
+end
+
+-- Current and peak bytes per category on this rank.
+function M.memory_stats()
+  local out = {}
+  for name, id in pairs(core.mem_categories) do
+    out[name] = {current = tonumber(C.fl_mem_current(id)), peak = tonumber(C.fl_mem_peak(id))}
+  end
+  out.total = {current = tonumber(C.fl_mem_total_current()), peak = tonumber(C.fl_mem_total_peak())}
+  return out
+end
+
+function M.reset_peak_memory() C.fl_mem_reset_peak() end
+
+-- full_state_dict(model, {rank0_only = false}) -> {name = full tensor copy}: gathers each unit in turn (every
+-- rank must call it), copies its full weights, reshards. Names are the HF names named_parameters yields.
+local FSD_OPTS = {rank0_only = true}
+function M.full_state_dict(model, opts)
+  opts = core.check_opts("full_state_dict", opts, FSD_OPTS, 2)
+  local g = rawget(model, "_fsdp_group")
+  local out = {}
+  local keep = not opts.rank0_only or dist().rank() == 0
+  if not g then
+    for _, e in ipairs(model:parameter_list()) do if keep then out[e[1]] = e[2]:detach():contiguous() end end
+    return out
+  end
+  for _, u in ipairs(g.units) do
+    local was = C.fl_fsdp_is_unsharded(u.ptr)
+    core.check(C.fl_fsdp_unshard(u.ptr, false), "full_state_dict " .. u.name, 2)
+    if keep then
+      for _, e in ipairs(u.params) do
+        local copy = Tensor.empty(e[2]:shape(), {dtype = "f32"})
+        copy:copy_(e[2])
+        out[e[1]] = copy
+      end
+    end
+    if not was then core.check(C.fl_fsdp_reshard(u.ptr), "full_state_dict " .. u.name, 2) end
+  end
+  return out
+end
+
+-- The gradient-norm reduction for clip_grad_norm: the squared norm of sharded parameters is summed over
+-- their shard group (an HSDP replica holds the same shards, so dp_replicate is not summed again); returns
+-- nil when no parameter is sharded (plain or DDP parameters: every rank already holds the whole gradient).
+function M.norm_reduce(params)
+  local comm
+  for _, p in ipairs(params) do
+    local c = M.comm_of_shard[p]
+    if c then
+      if comm and c ~= comm then error("clip_grad_norm: parameters are sharded over different process groups", 3) end
+      comm = c
+    elseif comm then
+      error("clip_grad_norm: mixes sharded and unsharded parameters", 3)
+    end
+  end
+  if not comm then return nil end
+  local t = Tensor.empty({1}, {dtype = "f64"})
+  return function(local_sum)
+    t:set(0, local_sum)
+    core.check(C.fl_all_reduce(comm, t._p, 0), "clip_grad_norm", 2)
+    return t:get(0)
+  end
+end
+
+return M
