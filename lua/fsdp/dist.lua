@@ -522,6 +522,25 @@ function mesh_methods.ranks(m) return m._comm:ranks() end
 -- The group of a 1-D mesh (an n-D mesh has none: pick a dim or flatten).
 function mesh_methods.group(m) return (resolve(m, "group", 2)) end
 
+-- The data-parallel groups of a mesh, as fl_comm pointers (borrowed: the mesh owns them, keep it alive):
+-- (shard, replicate). nil gives the world and no replicate group; a 1-D mesh shards over its only dim; a 2-D
+-- mesh must be {dp_replicate, dp_shard} (HSDP: shard over dp_shard, replicate over dp_replicate).
+function M.mesh_comms(mesh)
+  if mesh == nil then return world()._p, nil end
+  if getmetatable(mesh) ~= Mesh then
+    error(("mesh_comms: expected a mesh from fsdp.mesh, got %s"):format(type(mesh)), 2)
+  end
+  local names = mesh._names
+  if #names == 1 then return mesh._comm._p, nil end
+  for _, n in ipairs(names) do
+    if n ~= "dp_shard" and n ~= "dp_replicate" then
+      error(("mesh_comms: dim '%s' is not data-parallel; a mesh for data parallelism has dp_shard and optionally "
+             .. "dp_replicate (dims: %s); pass mesh:flatten({...}, name) or a 1-D submesh"):format(n, table.concat(names, ", ")), 2)
+    end
+  end
+  return mesh._dims.dp_shard._comm._p, mesh._dims.dp_replicate._comm._p
+end
+
 Mesh.__tostring = function(m)
   return ("Mesh(%s; coordinate %s)"):format(dims_str(m._names, m._sizes), table.concat(m._coord, ", "))
 end

@@ -25,7 +25,16 @@ local function comms_of(mesh)
     d.init()
     return C.fl_comm_world(), nil
   end
-  return d.mesh_comms(mesh)
+  if getmetatable(mesh) ~= d.Mesh then
+    error(("fsdp: mesh must be an fsdp.mesh, got %s"):format(type(mesh)), 4)
+  end
+  if mesh:ndim() == 1 then return d.comm_ptr(mesh), nil end
+  local names = mesh:names()
+  if #names == 2 and names[1] == "dp_replicate" and names[2] == "dp_shard" then
+    return d.comm_ptr(mesh.dp_shard), d.comm_ptr(mesh.dp_replicate)
+  end
+  error(("fsdp: a 2-D mesh must be (dp_replicate, dp_shard) for HSDP, got (%s); pass a 1-D mesh to shard over")
+        :format(table.concat(names, ", ")), 4)
 end
 
 local DTYPES = {f32 = true, f64 = true, bf16 = true}
@@ -130,6 +139,7 @@ function M.apply_plan(model, plan, opts)
   local units = require("fsdp.plan").resolve(model, plan)
   local params, mods = param_entries(model), modules_by_name(model)
   local group = new_group()
+  group.mesh = opts.mesh   -- its process groups must live as long as the units that use them
   rawset(model, "_fsdp_group", group)
   for _, spec in ipairs(units) do
     local plist, mlist = {}, {}

@@ -1,0 +1,110 @@
+-- spec/workers/fsdp_parity.lua: one rank of the FSDP parity matrix (spec/dist/fsdp_parity_spec.lua), started by
+-- `fsdp-lua -n N spec/workers/fsdp_parity.lua OUT_DIR model=... mode=...`. Trains a tiny model for 3 AdamW steps
+-- with clip_grad_norm on a fixed global batch of 12 sequences, rank r taking its equal slice; writes
+-- OUT_DIR/rank<r>.lua (per-step loss averaged over ranks, grad norm) and, on rank 0, OUT_DIR/weights.safetensors
+-- (the final full weights). The spec compares runs.
+--
+--   model=gpt2|llama|llama_tied
+--   mode=single   no wrapping (run at 1 rank: the whole batch)
+--        ddp      fsdp.ddp
+--        auto | declared | manual | function   fsdp.apply_plan with that plan
+--        accum    auto, each step as 2 micro-batches, the first with gradient sync off
+--        ddp_accum  ddp, the same micro-batches under no_sync
+--        ckpt     auto with activation checkpointing of every block
+--        hsdp     auto on a {dp_replicate = 2, dp_shard = world / 2} mesh
+local fsdp = require "fsdp"
+local dist = require "fsdp.dist"
+local F    = require "fsdp.fsdp"
+local D    = require "dist"
+
+local out_dir = assert(arg[1], "usage: fsdp_parity.lua OUT_DIR model=... mode=...")
+local opt = {model = "gpt2", mode = "auto"}
+for i = 2, #arg do
+  local k, v = arg[i]:match("^(%w+)=(.*)$")
+  assert(k and opt[k] ~= nil, "bad option " .. arg[i])
+  opt[k] = v
+end
+
+dist.init{seed = 1234}
+local rank, world = dist.rank(), dist.world_size()
+local B, T, STEPS = 12, 16, 3
+assert(B % world == 0, "the global batch must split evenly")
+
+-- The registered models of the matrix: GPT-2 (tied), Llama untied, Llama with tied embeddings.
+local KINDS = {gpt2 = {"gpt2", true}, llama = {"llama", false}, llama_tied = {"llama", true}}
+local kind = assert(KINDS[opt.model], "model must be gpt2, llama or llama_tied")
+local mt = kind[1]
+local cfg = fsdp.models.tiny_config(mt, {tie_word_embeddings = kind[2]})
+local sharded = opt.mode ~= "single" and opt.mode ~= "ddp" and opt.mode ~= "ddp_accum"
+-- FSDP builds on meta: each rank initialises only its rows, which must equal the full initialisation.
+local model = fsdp.models.build(cfg, {device = sharded and "meta" or "cpu", seed = 7})
+
+local block_pattern = mt == "gpt2" and "transformer.h.*" or "model.layers.*"
+local plans = {
+  auto = "auto", accum = "auto", ckpt = "auto", hsdp = "auto", declared = "declared",
+  -- nested units: each block's MLP is a unit of its own inside the block's unit
+  manual = {mode = "manual", modules = {[block_pattern] = "free_full_weight", [block_pattern .. ".mlp"] = "free_full_weight"}},
+  ["function"] = {modules = function(name, m) if m.is_block then return {"free_full_weight"} end end},
+}
+
+if opt.mode == "ckpt" then
+  for _, m in model:named_modules() do if m.is_block then rawset(m, "checkpoint", true) end end
+end
+if opt.mode == "ddp" or opt.mode == "ddp_accum" then
+  require("fsdp.ddp")(model)
+elseif sharded then
+  local mesh
+  if opt.mode == "hsdp" then mesh = dist.mesh{{"dp_replicate", 2}, {"dp_shard", math.floor(world / 2)}} end
+  F.apply_plan(model, plans[opt.mode], {seed = 7, mesh = mesh})
+end
+
+-- AdamW eps 1e-6: with 1e-8 an element whose gradient is ~1e-9 moves by ~lr whatever its sign noise, so
+-- f32 rounding differences between code paths would dominate the comparison (see spec/workers/ddp_train.lua).
+local params = model:parameters()
+local optim = fsdp.optim.AdamW(params, {lr = 1e-2, weight_decay = 0.1, eps = 1e-6})
+local reduce = F.norm_reduce(params)
+
+local function global_batch(step)
+  local ids = fsdp.empty({B, T}, {dtype = "i64"})
+  local p, x = ids:data_ptr("int64_t *"), 1000 + step
+  for j = 0, B * T - 1 do x = (x * 1103515245 + 12345) % 2147483648; p[j] = math.floor(x / 65536) % cfg.vocab_size end
+  return ids
+end
+
+local function set_sync(on)
+  if sharded then F.set_requires_gradient_sync(model, on) else model:set_requires_gradient_sync(on) end
+end
+
+local report = {rank = rank, world = world, losses = {}, norms = {}}
+local per = math.floor(B / world)
+for step = 1, STEPS do
+  local ids = global_batch(step):narrow(1, rank * per + 1, per):contiguous()
+  local loss_sum = 0
+  if opt.mode == "accum" or opt.mode == "ddp_accum" then
+    -- two micro-batches, each loss halved: the summed gradient is the gradient of the slice's mean loss
+    local half = math.floor(per / 2)
+    for micro = 1, 2 do
+      set_sync(micro == 2)
+      local mb = ids:narrow(1, (micro - 1) * half + 1, half):contiguous()
+      local out = model(mb, {labels = mb})
+      local l = out.loss:scale(0.5)
+      l:backward()
+      loss_sum = loss_sum + l:item()
+    end
+  else
+    local out = model(ids, {labels = ids})
+    out.loss:backward()
+    loss_sum = out.loss:item()
+  end
+  local norm = fsdp.optim.clip_grad_norm(params, 1.0, {reduce = reduce})
+  optim:step()
+  optim:zero_grad()
+  local lt = fsdp.tensor({loss_sum}, {dtype = "f64"})
+  dist.all_reduce(lt, {op = "avg"})
+  report.losses[step] = lt:get(0)
+  report.norms[step] = norm
+end
+
+local weights = F.full_state_dict(model)
+if rank == 0 then fsdp.safetensors.save(out_dir .. "/weights.safetensors", weights) end
+D.write(out_dir, rank, report)
