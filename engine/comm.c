@@ -126,83 +126,107 @@ static void comm_free(fl_comm *c) {
     free(c);
 }
 
-/* ---- local reductions (on the communication thread, or inline at world size 1) ---- */
+/* ---- local reductions (communication thread) ---- */
 
-/* out[i] = reduce over p of src[p * stride + i] in order p = 0..n-1, i < len; avg divides the sum by n. */
-static void reduce_ranks(void *out, const void *src, int64_t stride, int32_t n, int64_t len, int32_t dtype, int32_t op) {
-    if (len == 0) return;
-    switch (dtype) {
-    case FL_F32: {
-        float *o = out;
-        const float *s = src;
-        for (int64_t i = 0; i < len; i++) {
-            float a = s[i];
-            for (int32_t p = 1; p < n; p++) {
-                float b = s[p * stride + i];
-                if (op == FL_REDUCE_MAX) a = (b > a || b != b) ? b : a; else a += b;
-            }
-            o[i] = op == FL_REDUCE_AVG ? a / (float)n : a;
+/* Scratch buffers of the communication thread, grown as needed and kept: a fresh allocation per collective
+ * would page-fault its way through every byte again. */
+static void *scratch_recv = NULL, *scratch_acc = NULL;
+static size_t scratch_recv_n = 0, scratch_acc_n = 0;
+
+static void *scratch(void **buf, size_t *have, size_t need) {
+    if (need <= *have) return *buf;
+    void *p = NULL;
+    if (posix_memalign(&p, 64, need) != 0) return NULL;
+    free(*buf);
+    *buf = p;
+    *have = need;
+    return p;
+}
+
+/* Elements per block: the output block stays in L1 while every rank's slice is added to it. */
+enum { RED_BLOCK = 2048 };
+
+/* One block of o[i] (op)= s_p[i] for p = 1..n-1 in rank order, after o[i] = s_0[i]: the same per-element order
+ * (((x0 + x1) + x2) + ...) whatever the block size. NaN wins a max, as in torch. */
+#define REDUCE_BLOCK(T, o, s, stride, n, i0, i1, op)                                                    \
+    do {                                                                                                \
+        for (int64_t i = i0; i < i1; i++) o[i] = s[i];                                                  \
+        for (int32_t p = 1; p < n; p++) {                                                               \
+            const T *sp = s + (int64_t)p * stride;                                                      \
+            if (op == FL_REDUCE_MAX)                                                                    \
+                for (int64_t i = i0; i < i1; i++) o[i] = (sp[i] > o[i] || sp[i] != sp[i]) ? sp[i] : o[i]; \
+            else                                                                                        \
+                for (int64_t i = i0; i < i1; i++) o[i] = (T)(o[i] + sp[i]);                             \
+        }                                                                                               \
+    } while (0)
+
+/* out[i] = reduce over p of src[p * stride + i] in order p = 0..n-1, i < len; avg divides the sum by n. bf16/f16
+ * accumulate in f32 (acc: len floats) and round once at the end. Integer sums wrap (unsigned arithmetic). */
+static void reduce_ranks(void *restrict out, const void *restrict src, int64_t stride, int32_t n, int64_t len,
+                         int32_t dtype, int32_t op, float *restrict acc) {
+    for (int64_t i0 = 0; i0 < len; i0 += RED_BLOCK) {
+        int64_t i1 = fl_min64(len, i0 + RED_BLOCK);
+        switch (dtype) {
+        case FL_F32: {
+            float *o = out;
+            const float *s = src;
+            REDUCE_BLOCK(float, o, s, stride, n, i0, i1, op);
+            if (op == FL_REDUCE_AVG) for (int64_t i = i0; i < i1; i++) o[i] /= (float)n;
+            break;
         }
-        break;
-    }
-    case FL_F64: {
-        double *o = out;
-        const double *s = src;
-        for (int64_t i = 0; i < len; i++) {
-            double a = s[i];
-            for (int32_t p = 1; p < n; p++) {
-                double b = s[p * stride + i];
-                if (op == FL_REDUCE_MAX) a = (b > a || b != b) ? b : a; else a += b;
-            }
-            o[i] = op == FL_REDUCE_AVG ? a / (double)n : a;
+        case FL_F64: {
+            double *o = out;
+            const double *s = src;
+            REDUCE_BLOCK(double, o, s, stride, n, i0, i1, op);
+            if (op == FL_REDUCE_AVG) for (int64_t i = i0; i < i1; i++) o[i] /= (double)n;
+            break;
         }
-        break;
-    }
-    case FL_BF16:
-    case FL_F16: {
-        /* f32 accumulation, one rounding at the end: a sum of N bf16 values loses nothing to intermediate rounding */
-        uint16_t *o = out;
-        const uint16_t *s = src;
-        bool bf = dtype == FL_BF16;
-        for (int64_t i = 0; i < len; i++) {
-            float a = bf ? fl_bf16_to_f32(s[i]) : fl_f16_to_f32(s[i]);
+        case FL_BF16:
+        case FL_F16: {
+            uint16_t *o = out;
+            const uint16_t *s = src;
+            bool bf = dtype == FL_BF16;
+            for (int64_t i = i0; i < i1; i++) acc[i] = bf ? fl_bf16_to_f32(s[i]) : fl_f16_to_f32(s[i]);
             for (int32_t p = 1; p < n; p++) {
-                uint16_t h = s[p * stride + i];
-                float b = bf ? fl_bf16_to_f32(h) : fl_f16_to_f32(h);
-                if (op == FL_REDUCE_MAX) a = (b > a || b != b) ? b : a; else a += b;
+                const uint16_t *sp = s + (int64_t)p * stride;
+                for (int64_t i = i0; i < i1; i++) {
+                    float b = bf ? fl_bf16_to_f32(sp[i]) : fl_f16_to_f32(sp[i]);
+                    if (op == FL_REDUCE_MAX) acc[i] = (b > acc[i] || b != b) ? b : acc[i];
+                    else acc[i] += b;
+                }
             }
-            if (op == FL_REDUCE_AVG) a /= (float)n;
-            o[i] = bf ? fl_f32_to_bf16(a) : fl_f32_to_f16(a);
-        }
-        break;
-    }
-    case FL_I32: {
-        int32_t *o = out;
-        const int32_t *s = src;
-        for (int64_t i = 0; i < len; i++) {
-            int32_t a = s[i];
-            for (int32_t p = 1; p < n; p++) {
-                int32_t b = s[p * stride + i];
-                a = op == FL_REDUCE_MAX ? (b > a ? b : a) : (int32_t)((uint32_t)a + (uint32_t)b); /* wraps, no UB */
+            for (int64_t i = i0; i < i1; i++) {
+                float a = op == FL_REDUCE_AVG ? acc[i] / (float)n : acc[i];
+                o[i] = bf ? fl_f32_to_bf16(a) : fl_f32_to_f16(a);
             }
-            o[i] = a;
+            break;
         }
-        break;
-    }
-    case FL_I64: {
-        int64_t *o = out;
-        const int64_t *s = src;
-        for (int64_t i = 0; i < len; i++) {
-            int64_t a = s[i];
-            for (int32_t p = 1; p < n; p++) {
-                int64_t b = s[p * stride + i];
-                a = op == FL_REDUCE_MAX ? (b > a ? b : a) : (int64_t)((uint64_t)a + (uint64_t)b);
+        case FL_I32: {
+            uint32_t *o = out;   /* unsigned: wrapping sums, no UB; max compares as signed below */
+            const uint32_t *s = src;
+            if (op == FL_REDUCE_MAX) {
+                int32_t *oi = out;
+                const int32_t *si = src;
+                REDUCE_BLOCK(int32_t, oi, si, stride, n, i0, i1, op);
+            } else {
+                REDUCE_BLOCK(uint32_t, o, s, stride, n, i0, i1, op);
             }
-            o[i] = a;
+            break;
         }
-        break;
-    }
-    default: assert(!"reduce_ranks: dtype checked at issue");
+        case FL_I64: {
+            uint64_t *o = out;
+            const uint64_t *s = src;
+            if (op == FL_REDUCE_MAX) {
+                int64_t *oi = out;
+                const int64_t *si = src;
+                REDUCE_BLOCK(int64_t, oi, si, stride, n, i0, i1, op);
+            } else {
+                REDUCE_BLOCK(uint64_t, o, s, stride, n, i0, i1, op);
+            }
+            break;
+        }
+        default: assert(!"reduce_ranks: dtype checked at issue");
+        }
     }
 }
 
@@ -270,14 +294,15 @@ static int reduce_chunks(fl_comm *c, const void *in, int64_t n, void *out, int32
         rd[p] = (int)((int64_t)p * my_len);
     }
     int rc = FL_OK;
-    void *buf = malloc(es * (size_t)(my_len * N) + 1);
-    if (!buf) { rc = fl_fail(FL_ENOMEM, "out of memory for %" PRId64 " bytes", (int64_t)es * my_len * N); goto done; }
+    size_t need = es * (size_t)(my_len * N);
+    void *buf = scratch(&scratch_recv, &scratch_recv_n, need + 64);
+    float *acc = es == 2 ? scratch(&scratch_acc, &scratch_acc_n, sizeof(float) * (size_t)my_len + 64) : NULL;
+    if (!buf || (es == 2 && !acc)) { rc = fl_fail(FL_ENOMEM, "out of memory for %zu bytes of receive buffer", need); goto done; }
     rc = fl_mpi_alltoallv(c->mpi, in, sc, sd, buf, rcnt, rd, es);
     if (rc < 0) goto done;
-    reduce_ranks((char *)out + (equal_chunks ? 0 : (size_t)my_start * es), buf, my_len, N, my_len, dtype, op);
+    reduce_ranks((char *)out + (equal_chunks ? 0 : (size_t)my_start * es), buf, my_len, N, my_len, dtype, op, acc);
     if (!equal_chunks) rc = fl_mpi_allgatherv_inplace(c->mpi, out, sc, sd, es);
 done:
-    free(buf);
     free(sc);
     return rc;
 }
@@ -302,8 +327,13 @@ static int run_collective(fl_work *w) {
     int rc = header_check(w);
     if (rc < 0 || c->size == 1) return rc < 0 ? rc : run_local(w);
     switch (w->kind) {
-    case OP_ALL_GATHER:
-        return fl_mpi_allgather(c->mpi, fl_tensor_data(w->in), fl_tensor_data(w->out), w->numel, es);
+    case OP_ALL_GATHER: {
+        /* FSDP's shard may be this rank's block of the gathered buffer: MPI then needs MPI_IN_PLACE */
+        char *o = fl_tensor_data(w->out);
+        const char *i = fl_tensor_data(w->in);
+        bool in_place = i == o + (size_t)c->rank * (size_t)w->numel * es;
+        return fl_mpi_allgather(c->mpi, in_place ? NULL : i, o, w->numel, es);
+    }
     case OP_REDUCE_SCATTER:
         return reduce_chunks(c, fl_tensor_data(w->in), w->numel * c->size, fl_tensor_data(w->out), w->dtype, w->op,
                              true);
@@ -439,6 +469,10 @@ static void *comm_main(void *arg) {
     }
     pthread_mutex_unlock(&mu);
     free(pl.w);
+    free(scratch_recv);
+    free(scratch_acc);
+    scratch_recv = scratch_acc = NULL;
+    scratch_recv_n = scratch_acc_n = 0;
     return NULL;
 }
 
@@ -708,6 +742,12 @@ fl_work *fl_all_gather_async(fl_comm *c, fl_tensor *out, const fl_tensor *in) {
         return fl_fail_null(FL_EINVAL, "all_gather: output %s has %" PRId64 " elements, expected %d ranks x %" PRId64
                             " (input %s) on group '%s'", fl_shape_str(out), fl_tensor_numel(out), c->size, n,
                             fl_shape_str(in), c->name);
+    /* The input may be this rank's block of the output (in place), or apart from it. */
+    size_t es = fl_dtype_size(in->dtype), ib = es * (size_t)n, ob = ib * (size_t)c->size;
+    const char *ip = fl_tensor_data(in), *op_ = fl_tensor_data(out);
+    if (n > 0 && ip < op_ + ob && op_ < ip + ib && ip != op_ + (size_t)c->rank * ib)
+        return fl_fail_null(FL_EINVAL, "all_gather: input %s overlaps output %s other than as rank %d's block",
+                            fl_shape_str(in), fl_shape_str(out), c->rank);
     double t0 = now_s();
     fl_work *w = work_new(OP_ALL_GATHER, c);
     if (!w) return NULL;

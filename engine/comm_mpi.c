@@ -150,9 +150,11 @@ void fl_mpi_free(void *g) {
     free(g);
 }
 
+/* in == NULL: in place (this rank's block of out already holds its contribution). */
 int fl_mpi_allgather(void *g, const void *in, void *out, int64_t count, size_t esz) {
     MPI_Datatype t = elem_type(esz);
-    int rc = MPI_Allgather(count ? in : MPI_BOTTOM, (int)count, t, out, (int)count, t, comm_of(g));
+    int rc = in ? MPI_Allgather(in, (int)count, t, out, (int)count, t, comm_of(g))
+                : MPI_Allgather(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, out, (int)count, t, comm_of(g));
     return rc == MPI_SUCCESS ? FL_OK : mpi_fail(rc, "MPI_Allgather");
 }
 

@@ -90,6 +90,22 @@ void fl_fsdp_group_release(fl_fsdp_group *g) {
     free(g);
 }
 
+int fl_fsdp_group_merge(fl_fsdp_group *dst, fl_fsdp_group *src) {
+    if (dst == src || src->n == 0) return FL_OK;
+    if (dst->n_order || src->n_order)
+        return fl_fail(FL_ESTATE, "fsdp: cannot merge groups after a forward has run (shard every module first)");
+    fl_fsdp_unit **nu = realloc(dst->units, sizeof *nu * (size_t)(dst->n + src->n));
+    if (!nu) return fl_fail(FL_ENOMEM, "fsdp: out of memory");
+    dst->units = nu;
+    dst->cap = dst->n + src->n;
+    for (int32_t i = 0; i < src->n; i++) {
+        src->units[i]->group = dst;
+        dst->units[dst->n++] = src->units[i];
+    }
+    src->n = 0;
+    return FL_OK;
+}
+
 static int32_t count_unsharded(const fl_fsdp_group *g, bool freeing_only) {
     int32_t c = 0;
     for (int32_t i = 0; i < g->n; i++) {

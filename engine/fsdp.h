@@ -16,7 +16,9 @@
  * Errors: a negative int (enum fl_status) or NULL, with the message in fl_last_error().
  *
  * Global state, each defined in one file: the thread-local error buffer (error.c), the thread count
- * (parallel.c), grad mode (autograd.c), the allocation counters (storage.c).
+ * (parallel.c), grad mode, backward depth and the end-of-backward hooks (autograd.c), the allocation counters
+ * (storage.c), the world communicator with its communication thread and queue (comm.c), the list of live DDP
+ * reducers behind one end-of-backward hook (ddp.c).
  */
 #ifndef FSDP_H
 #define FSDP_H
@@ -324,6 +326,8 @@ typedef struct fl_fsdp_unit fl_fsdp_unit;
 
 fl_fsdp_group *fl_fsdp_group_new(void);       /* owned; registers the end-of-backward pass */
 void fl_fsdp_group_release(fl_fsdp_group *g); /* releases its units too */
+/* Moves src's units into dst (fully_shard on blocks made groups the root's call then joins). Before any forward. */
+int fl_fsdp_group_merge(fl_fsdp_group *dst, fl_fsdp_group *src);
 /* `full` are the module's parameters (leaves, cpu with data or meta). The unit makes the local shards (f32
  * leaves that require grad: what the optimizer steps), copying their rows from `full` when it has data, then
  * frees the full storages. replicate may be NULL (no HSDP). param_dtype is the dtype of the gathered weights,

@@ -1,8 +1,17 @@
 /* engine/ops_act.c: activations (GELU erf/tanh, SiLU, fused SwiGLU) and dropout, with backward, f32/f64.
- * The scalar formulas live in kernels/fl_math.h (shared with CUDA); this file only loops and records. */
+ * The scalar formulas live in kernels/fl_math.h (shared with CUDA); this file only loops and records.
+ * bf16/f16 inputs run the f32 loops and round once (ops_shape.c); SwiGLU then rounds twice, as torch does. */
 #include "internal.h"
 
 #include "../kernels/fl_math.h"
+
+/* Low-precision (bf16/f16) support, defined in ops_shape.c; these declarations belong in internal.h. */
+typedef fl_tensor *(*fl_lowp_fn)(const void *args, fl_tensor *const *ins, fl_tensor **aux);
+bool fl_lowp_any(int32_t n, const fl_tensor *const *ins);
+int32_t fl_lowp_promote(int32_t a, int32_t b);
+fl_tensor *fl_lowp_to(const fl_tensor *t, int32_t dtype);
+fl_tensor *fl_lowp_apply(const char *op, fl_lowp_fn fn, const void *args, int32_t n, const fl_tensor *const *ins,
+                         int32_t out_dtype, fl_tensor **aux);
 
 enum { ACT_GELU_ERF, ACT_GELU_TANH, ACT_SILU };
 
@@ -71,10 +80,25 @@ static fl_tensor *activation(const char *name, int32_t kind, const fl_tensor *x)
     return y;
 }
 
-fl_tensor *fl_gelu(const fl_tensor *x, bool tanh_approx) {
-    return activation(tanh_approx ? "gelu_tanh" : "gelu", tanh_approx ? ACT_GELU_TANH : ACT_GELU_ERF, x);
+typedef struct { const char *name; int32_t kind; } act_args;
+
+static fl_tensor *activation_f32(const void *p, fl_tensor *const *ins, fl_tensor **aux) {
+    const act_args *a = p;
+    return activation(a->name, a->kind, ins[0]);
 }
-fl_tensor *fl_silu(const fl_tensor *x) { return activation("silu", ACT_SILU, x); }
+
+static fl_tensor *activation_any(const char *name, int32_t kind, const fl_tensor *x) {
+    if (x && fl_lowp_any(1, &x)) {
+        act_args args = {name, kind};
+        return fl_lowp_apply(name, activation_f32, &args, 1, &x, x->dtype, NULL);
+    }
+    return activation(name, kind, x);
+}
+
+fl_tensor *fl_gelu(const fl_tensor *x, bool tanh_approx) {
+    return activation_any(tanh_approx ? "gelu_tanh" : "gelu", tanh_approx ? ACT_GELU_TANH : ACT_GELU_ERF, x);
+}
+fl_tensor *fl_silu(const fl_tensor *x) { return activation_any("silu", ACT_SILU, x); }
 
 /* ---- SwiGLU: y = silu(gate) * up; dgate = dy * up * silu'(gate), dup = dy * silu(gate) ---- */
 
@@ -119,7 +143,22 @@ static int swiglu_backward(fl_node *n, fl_tensor *const *go, fl_tensor **gi) {
     return FL_OK;
 }
 
+/* bf16/f16: Hugging Face's act_fn(gate) * up is two torch ops, each rounded to the input dtype; run them as
+ * such (silu, then mul with torch's promotion), so forward and backward round exactly where torch does. */
+static fl_tensor *swiglu_lowp(const fl_tensor *gate, const fl_tensor *up) {
+    if (fl_check_cpu_data("swiglu", gate) < 0 || fl_check_cpu_data("swiglu", up) < 0) return NULL;
+    if (!fl_same_shape(gate, up))
+        return fl_fail_null(FL_EINVAL, "swiglu: gate %s and up %s must have the same shape", fl_shape_str(gate), fl_shape_str(up));
+    fl_tensor *s = fl_silu(gate);
+    if (!s) return NULL;
+    fl_tensor *y = fl_mul(s, up);
+    fl_tensor_release(s);
+    return y;
+}
+
 fl_tensor *fl_swiglu(const fl_tensor *gate, const fl_tensor *up) {
+    const fl_tensor *ins[2] = {gate, up};
+    if (gate && up && fl_lowp_any(2, ins)) return swiglu_lowp(gate, up);
     if (fl_check_cpu_data("swiglu", gate) < 0 || fl_check_cpu_data("swiglu", up) < 0 || fl_check_float("swiglu", gate) < 0 ||
         fl_check_same_dtype("swiglu", gate, up) < 0)
         return NULL;
@@ -185,10 +224,22 @@ static int dropout_backward(fl_node *n, fl_tensor *const *go, fl_tensor **gi) {
     return FL_OK;
 }
 
+typedef struct { double p; uint64_t seed, key; } dropout_args;
+
+static fl_tensor *dropout_f32(const void *a, fl_tensor *const *ins, fl_tensor **aux) {
+    const dropout_args *d = a;
+    return fl_dropout(ins[0], d->p, d->seed, d->key);
+}
+
 fl_tensor *fl_dropout(const fl_tensor *x, double p, uint64_t seed, uint64_t key) {
-    if (fl_check_cpu_data("dropout", x) < 0 || fl_check_float("dropout", x) < 0) return NULL;
+    bool lowp = x && fl_lowp_any(1, &x);
+    if (fl_check_cpu_data("dropout", x) < 0 || (!lowp && fl_check_float("dropout", x) < 0)) return NULL;
     if (!(p >= 0.0 && p <= 1.0)) return fl_fail_null(FL_EINVAL, "dropout: p must be in [0, 1], got %g (input %s)", p, fl_shape_str(x));
     if (p == 0.0) { fl_tensor_retain((fl_tensor *)x); return (fl_tensor *)x; }  /* identity, as torch: no copy */
+    if (lowp) {   /* the same mask; kept values x * (1/(1-p)) in f32, rounded once */
+        dropout_args args = {p, seed, key};
+        return fl_lowp_apply("dropout", dropout_f32, &args, 1, &x, x->dtype, NULL);
+    }
     fl_tensor *xc = fl_contiguous(x);
     fl_tensor *y = xc ? (p == 1.0 ? fl_tensor_zeros(x->ndim, x->shape, x->dtype, FL_CPU) : fl_tensor_empty(x->ndim, x->shape, x->dtype, FL_CPU)) : NULL;
     if (!y) { fl_tensor_release(xc); return NULL; }

@@ -1,8 +1,17 @@
 /* engine/ops_elementwise.c: broadcasting binary ops (add, sub, mul, div), scalar ops and unary math, each
- * with its backward. f32 and f64; other dtypes must be cast first (the error says so). */
+ * with its backward. f32 and f64 kernels; bf16/f16 inputs run the f32 kernels and round once (ops_shape.c),
+ * mixed dtypes promote as torch.result_type. Integer tensors must be cast first (the error says so). */
 #include "internal.h"
 
 #include <math.h>
+
+/* Low-precision (bf16/f16) support, defined in ops_shape.c; these declarations belong in internal.h. */
+typedef fl_tensor *(*fl_lowp_fn)(const void *args, fl_tensor *const *ins, fl_tensor **aux);
+bool fl_lowp_any(int32_t n, const fl_tensor *const *ins);
+int32_t fl_lowp_promote(int32_t a, int32_t b);
+fl_tensor *fl_lowp_to(const fl_tensor *t, int32_t dtype);
+fl_tensor *fl_lowp_apply(const char *op, fl_lowp_fn fn, const void *args, int32_t n, const fl_tensor *const *ins,
+                         int32_t out_dtype, fl_tensor **aux);
 
 typedef enum { BIN_ADD, BIN_SUB, BIN_MUL, BIN_DIV } binop;
 
@@ -131,14 +140,59 @@ static fl_tensor *binary(const char *name, binop op, const fl_tensor *a, const f
     return out;
 }
 
-fl_tensor *fl_add(const fl_tensor *a, const fl_tensor *b) { return binary("add", BIN_ADD, a, b, 1.0); }
-fl_tensor *fl_sub(const fl_tensor *a, const fl_tensor *b) { return binary("sub", BIN_SUB, a, b, 1.0); }
-fl_tensor *fl_mul(const fl_tensor *a, const fl_tensor *b) { return binary("mul", BIN_MUL, a, b, 1.0); }
-fl_tensor *fl_div(const fl_tensor *a, const fl_tensor *b) { return binary("div", BIN_DIV, a, b, 1.0); }
-fl_tensor *fl_add_scaled(const fl_tensor *a, const fl_tensor *b, double alpha) { return binary("add", BIN_ADD, a, b, alpha); }
+typedef struct { const char *name; binop op; double alpha; } binary_args;
+
+static fl_tensor *binary_f32(const void *p, fl_tensor *const *ins, fl_tensor **aux) {
+    const binary_args *a = p;
+    return binary(a->name, a->op, ins[0], ins[1], a->alpha);
+}
+
+/* A bf16/f16 operand: compute in f32 (f64 with an f64 operand), round once to the promoted dtype. */
+static fl_tensor *binary_any(const char *name, binop op, const fl_tensor *a, const fl_tensor *b, double alpha) {
+    const fl_tensor *ins[2] = {a, b};
+    if (a && b && fl_lowp_any(2, ins)) {
+        binary_args args = {name, op, alpha};
+        return fl_lowp_apply(name, binary_f32, &args, 2, ins, fl_lowp_promote(a->dtype, b->dtype), NULL);
+    }
+    return binary(name, op, a, b, alpha);
+}
+
+fl_tensor *fl_add(const fl_tensor *a, const fl_tensor *b) { return binary_any("add", BIN_ADD, a, b, 1.0); }
+fl_tensor *fl_sub(const fl_tensor *a, const fl_tensor *b) { return binary_any("sub", BIN_SUB, a, b, 1.0); }
+fl_tensor *fl_mul(const fl_tensor *a, const fl_tensor *b) { return binary_any("mul", BIN_MUL, a, b, 1.0); }
+fl_tensor *fl_div(const fl_tensor *a, const fl_tensor *b) { return binary_any("div", BIN_DIV, a, b, 1.0); }
+fl_tensor *fl_add_scaled(const fl_tensor *a, const fl_tensor *b, double alpha) { return binary_any("add", BIN_ADD, a, b, alpha); }
+
+static bool lowp_mixable(int32_t dt) { return dt == FL_F32 || dt == FL_BF16 || dt == FL_F16; }
+
+/* a += alpha*b where a or b is bf16/f16 (the other f32, bf16 or f16): f32 arithmetic, a rounded once per
+ * element (gradient accumulation into bf16 leaves). Chunks go through f32 stack buffers. */
+enum { ADD_CHUNK = 1024 };
+static void add_lowp(fl_tensor *a, const void *pb, int32_t bdt, int64_t n, double alpha) {
+    char *pa = fl_tensor_data(a);
+    int32_t adt = a->dtype;
+    size_t esa = fl_dtype_size(adt), esb = fl_dtype_size(bdt);
+    float al = (float)alpha;
+    int64_t nc = (n + ADD_CHUNK - 1) / ADD_CHUNK;
+    #pragma omp parallel for schedule(static) if (n > FL_PAR_MIN)
+    for (int64_t c = 0; c < nc; c++) {
+        float x[ADD_CHUNK], y[ADD_CHUNK];
+        int64_t lo = c * ADD_CHUNK, len = fl_min64(ADD_CHUNK, n - lo);
+        fl_convert(pa + (size_t)lo * esa, adt, x, FL_F32, len);
+        fl_convert((const char *)pb + (size_t)lo * esb, bdt, y, FL_F32, len);
+        if (alpha == 1.0) for (int64_t i = 0; i < len; i++) x[i] += y[i];
+        else for (int64_t i = 0; i < len; i++) x[i] += al * y[i];
+        fl_convert(x, FL_F32, pa + (size_t)lo * esa, adt, len);
+    }
+}
 
 int fl_add_(fl_tensor *a, const fl_tensor *b, double alpha) {
-    if (fl_check_float("add_", a) < 0 || fl_check_float("add_", b) < 0 || fl_check_same_dtype("add_", a, b) < 0) return FL_EINVAL;
+    const fl_tensor *ab[2] = {a, b};
+    bool lowp = a && b && fl_lowp_any(2, ab) && lowp_mixable(a->dtype) && lowp_mixable(b->dtype);
+    if (lowp) {
+        if (fl_check_cpu_data("add_", a) < 0 || fl_check_cpu_data("add_", b) < 0) return FL_ESTATE;
+    } else if (fl_check_float("add_", a) < 0 || fl_check_float("add_", b) < 0 || fl_check_same_dtype("add_", a, b) < 0)
+        return FL_EINVAL;
     int64_t n = fl_tensor_numel(a);
     if (!fl_same_shape(a, b) && fl_tensor_numel(b) != n)
         return fl_fail(FL_EINVAL, "add_: shapes %s and %s differ", fl_shape_str(a), fl_shape_str(b));
@@ -146,7 +200,8 @@ int fl_add_(fl_tensor *a, const fl_tensor *b, double alpha) {
     fl_tensor *bc = fl_tensor_is_contiguous(b) ? NULL : fl_tensor_empty(b->ndim, b->shape, b->dtype, FL_CPU);
     if (bc) fl_copy_strided(b, fl_tensor_data(bc));
     const void *pb = fl_tensor_data(bc ? bc : b);
-    if (a->dtype == FL_F32) {
+    if (lowp) add_lowp(a, pb, b->dtype, n, alpha);
+    else if (a->dtype == FL_F32) {
         float *x = fl_tensor_data(a), al = (float)alpha;
         const float *y = pb;
         if (alpha == 1.0) {
@@ -271,14 +326,29 @@ static fl_tensor *unary(const char *name, unop op, const fl_tensor *a, double s)
     return out;
 }
 
-fl_tensor *fl_scale(const fl_tensor *a, double s) { return unary("scale", UN_SCALE, a, s); }
-fl_tensor *fl_add_scalar(const fl_tensor *a, double s) { return unary("add_scalar", UN_ADDS, a, s); }
-fl_tensor *fl_pow_scalar(const fl_tensor *a, double p) { return unary("pow", UN_POW, a, p); }
-fl_tensor *fl_neg(const fl_tensor *a) { return unary("neg", UN_NEG, a, 0); }
-fl_tensor *fl_exp(const fl_tensor *a) { return unary("exp", UN_EXP, a, 0); }
-fl_tensor *fl_log(const fl_tensor *a) { return unary("log", UN_LOG, a, 0); }
-fl_tensor *fl_sqrt(const fl_tensor *a) { return unary("sqrt", UN_SQRT, a, 0); }
-fl_tensor *fl_rsqrt(const fl_tensor *a) { return unary("rsqrt", UN_RSQRT, a, 0); }
-fl_tensor *fl_tanh(const fl_tensor *a) { return unary("tanh", UN_TANH, a, 0); }
-fl_tensor *fl_sigmoid(const fl_tensor *a) { return unary("sigmoid", UN_SIGMOID, a, 0); }
-fl_tensor *fl_relu(const fl_tensor *a) { return unary("relu", UN_RELU, a, 0); }
+typedef struct { const char *name; unop op; double s; } unary_args;
+
+static fl_tensor *unary_f32(const void *p, fl_tensor *const *ins, fl_tensor **aux) {
+    const unary_args *a = p;
+    return unary(a->name, a->op, ins[0], a->s);
+}
+
+static fl_tensor *unary_any(const char *name, unop op, const fl_tensor *a, double s) {
+    if (a && fl_lowp_any(1, &a)) {
+        unary_args args = {name, op, s};
+        return fl_lowp_apply(name, unary_f32, &args, 1, &a, a->dtype, NULL);
+    }
+    return unary(name, op, a, s);
+}
+
+fl_tensor *fl_scale(const fl_tensor *a, double s) { return unary_any("scale", UN_SCALE, a, s); }
+fl_tensor *fl_add_scalar(const fl_tensor *a, double s) { return unary_any("add_scalar", UN_ADDS, a, s); }
+fl_tensor *fl_pow_scalar(const fl_tensor *a, double p) { return unary_any("pow", UN_POW, a, p); }
+fl_tensor *fl_neg(const fl_tensor *a) { return unary_any("neg", UN_NEG, a, 0); }
+fl_tensor *fl_exp(const fl_tensor *a) { return unary_any("exp", UN_EXP, a, 0); }
+fl_tensor *fl_log(const fl_tensor *a) { return unary_any("log", UN_LOG, a, 0); }
+fl_tensor *fl_sqrt(const fl_tensor *a) { return unary_any("sqrt", UN_SQRT, a, 0); }
+fl_tensor *fl_rsqrt(const fl_tensor *a) { return unary_any("rsqrt", UN_RSQRT, a, 0); }
+fl_tensor *fl_tanh(const fl_tensor *a) { return unary_any("tanh", UN_TANH, a, 0); }
+fl_tensor *fl_sigmoid(const fl_tensor *a) { return unary_any("sigmoid", UN_SIGMOID, a, 0); }
+fl_tensor *fl_relu(const fl_tensor *a) { return unary_any("relu", UN_RELU, a, 0); }

@@ -3,10 +3,20 @@
  * Determinism: OpenBLAS picks kernels and splits work by its thread count, which changes the bits. So we
  * never let it thread: every GEMM is cut into fixed blocks of rows (or columns) of C, independent of the
  * thread count, and each block is one single-threaded BLAS call (OpenBLAS runs single-threaded inside an
- * OpenMP parallel region). The same blocks give the same bits whether 1 or N threads run them. */
+ * OpenMP parallel region). The same blocks give the same bits whether 1 or N threads run them.
+ * bf16/f16: operands are converted to f32, multiplied by sgemm (f32 accumulation) and rounded once, as torch
+ * on CPU (ops_shape.c); mixed f32/bf16 operands give f32. */
 #include "internal.h"
 
 #include <cblas.h>
+
+/* Low-precision (bf16/f16) support, defined in ops_shape.c; these declarations belong in internal.h. */
+typedef fl_tensor *(*fl_lowp_fn)(const void *args, fl_tensor *const *ins, fl_tensor **aux);
+bool fl_lowp_any(int32_t n, const fl_tensor *const *ins);
+int32_t fl_lowp_promote(int32_t a, int32_t b);
+fl_tensor *fl_lowp_to(const fl_tensor *t, int32_t dtype);
+fl_tensor *fl_lowp_apply(const char *op, fl_lowp_fn fn, const void *args, int32_t n, const fl_tensor *const *ins,
+                         int32_t out_dtype, fl_tensor **aux);
 
 /* One BLAS call: C[m,n] = alpha * op(A) op(B) + beta * C for f32/f64, row-major with leading dims. */
 void fl_gemm_call(int32_t dt, bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha, const void *a, int64_t lda,
@@ -124,8 +134,12 @@ static int matmul_backward(fl_node *n, fl_tensor *const *go, fl_tensor **gi) {
     return FL_OK;
 }
 
+static fl_tensor *matmul_f32(const void *p, fl_tensor *const *ins, fl_tensor **aux) { return fl_matmul(ins[0], ins[1]); }
+
 fl_tensor *fl_matmul(const fl_tensor *a, const fl_tensor *b) {
-    if (fl_check_float("matmul", a) < 0 || fl_check_float("matmul", b) < 0 || fl_check_same_dtype("matmul", a, b) < 0) return NULL;
+    const fl_tensor *ab[2] = {a, b};
+    bool lowp = a && b && fl_lowp_any(2, ab);
+    if (!lowp && (fl_check_float("matmul", a) < 0 || fl_check_float("matmul", b) < 0 || fl_check_same_dtype("matmul", a, b) < 0)) return NULL;
     if (a->ndim == 0 || b->ndim == 0) return fl_fail_null(FL_EINVAL, "matmul: scalar operand (%s, %s)", fl_shape_str(a), fl_shape_str(b));
     /* 1-D operands: promote to matrices, then drop the added dim, as torch.matmul. */
     fl_tensor *a2 = NULL, *b2 = NULL, *out = NULL;
@@ -135,11 +149,15 @@ fl_tensor *fl_matmul(const fl_tensor *a, const fl_tensor *b) {
     else { b2 = (fl_tensor *)b; fl_tensor_retain(b2); }
     if (!a2 || !b2) goto done;
     if (a2->ndim > FL_MAX_DIMS || b2->ndim > FL_MAX_DIMS) goto done;
-    out = matmul_raw(a2, b2, false, false);
-    if (!out) goto done;
     const fl_tensor *ins[2] = {a2, b2};
-    fl_node *n = fl_record("matmul", matmul_backward, 2, ins, out);
-    if (n) { fl_node_save(n, a2); fl_node_save(n, b2); }
+    if (lowp) {   /* the 1-D promotion above and below stays on the bf16 tensors; the f32 matmul sees >= 2-D */
+        if (!(out = fl_lowp_apply("matmul", matmul_f32, NULL, 2, ins, fl_lowp_promote(a->dtype, b->dtype), NULL))) goto done;
+    } else {
+        out = matmul_raw(a2, b2, false, false);
+        if (!out) goto done;
+        fl_node *n = fl_record("matmul", matmul_backward, 2, ins, out);
+        if (n) { fl_node_save(n, a2); fl_node_save(n, b2); }
+    }
     if (a->ndim == 1 || b->ndim == 1) {
         int64_t s[FL_MAX_DIMS];
         int32_t nd = 0;
@@ -195,7 +213,17 @@ done:
     return rc;
 }
 
+static fl_tensor *linear_f32(const void *p, fl_tensor *const *ins, fl_tensor **aux) {
+    return fl_linear(ins[0], ins[1], ins[2], *(const bool *)p);
+}
+
 fl_tensor *fl_linear(const fl_tensor *x, const fl_tensor *w, const fl_tensor *b, bool w_in_out) {
+    const fl_tensor *ins[3] = {x, w, b};
+    if (x && w && fl_lowp_any(3, ins)) {   /* bias added in f32 before the one rounding, as torch's addmm */
+        int32_t dt = fl_lowp_promote(x->dtype, w->dtype);
+        if (b) dt = fl_lowp_promote(dt, b->dtype);
+        return fl_lowp_apply("linear", linear_f32, &w_in_out, b ? 3 : 2, ins, dt, NULL);
+    }
     if (fl_check_float("linear", x) < 0 || fl_check_float("linear", w) < 0 || fl_check_same_dtype("linear", x, w) < 0) return NULL;
     if (b && (fl_check_float("linear", b) < 0 || fl_check_same_dtype("linear", x, b) < 0)) return NULL;
     if (w->ndim != 2) return fl_fail_null(FL_EINVAL, "linear: weight must be 2-D, got %s", fl_shape_str(w));

@@ -1,11 +1,20 @@
 /* engine/ops_norm.c: LayerNorm and RMSNorm over the last dim, with backward (f32/f64). Row statistics are
  * accumulated in f64 and saved for backward (one mean/rstd per row); weight/bias gradients are summed over
- * fixed row blocks combined in order, so any thread count gives the same bits. */
+ * fixed row blocks combined in order, so any thread count gives the same bits. bf16/f16: LayerNorm runs the
+ * f32 code and rounds once (ops_shape.c); RMSNorm follows Hugging Face's two steps (below). */
 #include "internal.h"
 
 #include <math.h>
 
 #include "../kernels/fl_math.h"
+
+/* Low-precision (bf16/f16) support, defined in ops_shape.c; these declarations belong in internal.h. */
+typedef fl_tensor *(*fl_lowp_fn)(const void *args, fl_tensor *const *ins, fl_tensor **aux);
+bool fl_lowp_any(int32_t n, const fl_tensor *const *ins);
+int32_t fl_lowp_promote(int32_t a, int32_t b);
+fl_tensor *fl_lowp_to(const fl_tensor *t, int32_t dtype);
+fl_tensor *fl_lowp_apply(const char *op, fl_lowp_fn fn, const void *args, int32_t n, const fl_tensor *const *ins,
+                         int32_t out_dtype, fl_tensor **aux);
 
 enum { NORM_ROW_BLOCK = 64 };  /* rows per partial sum of dw/db: fixed, never from the thread count */
 
@@ -88,7 +97,14 @@ static int check_param(const char *op, const char *what, const fl_tensor *p, con
     return FL_OK;
 }
 
+static fl_tensor *layer_norm_f32(const void *p, fl_tensor *const *ins, fl_tensor **aux) {
+    return fl_layer_norm(ins[0], ins[1], ins[2], *(const double *)p);
+}
+
 fl_tensor *fl_layer_norm(const fl_tensor *x, const fl_tensor *w, const fl_tensor *b, double eps) {
+    const fl_tensor *ins[3] = {x, w, b};
+    if (x && fl_lowp_any(3, ins))   /* the output keeps x's dtype (torch's mixed bf16 input / f32 parameters) */
+        return fl_lowp_apply("layer_norm", layer_norm_f32, &eps, 3, ins, x->dtype, NULL);
     if (fl_check_cpu_data("layer_norm", x) < 0 || fl_check_float("layer_norm", x) < 0) return NULL;
     if (x->ndim < 1) return fl_fail_null(FL_EINVAL, "layer_norm: input must have at least 1 dim, got %s", fl_shape_str(x));
     int64_t c = x->shape[x->ndim - 1];
@@ -193,7 +209,28 @@ done:
     return rc;
 }
 
+static fl_tensor *rms_norm_f32(const void *p, fl_tensor *const *ins, fl_tensor **aux) {
+    return fl_rms_norm(ins[0], NULL, *(const double *)p);
+}
+
+/* bf16/f16 as Hugging Face's LlamaRMSNorm: xn = x * rsqrt(mean(x^2) + eps) in f32, rounded to x's dtype, then
+ * weight * xn as its own op (rounded again; an f32 weight times bf16 xn gives f32). Two roundings, as torch. */
+static fl_tensor *rms_norm_lowp(const fl_tensor *x, const fl_tensor *w, double eps) {
+    if (fl_check_cpu_data("rms_norm", x) < 0 || (w && fl_check_cpu_data("rms_norm", w) < 0)) return NULL;
+    if (x->ndim < 1) return fl_fail_null(FL_EINVAL, "rms_norm: input must have at least 1 dim, got %s", fl_shape_str(x));
+    int64_t c = x->shape[x->ndim - 1];
+    if (w && (w->ndim != 1 || w->shape[0] != c))
+        return fl_fail_null(FL_EINVAL, "rms_norm: weight has shape %s, input %s has last dim %" PRId64, fl_shape_str(w), fl_shape_str(x), c);
+    fl_tensor *xn = fl_lowp_any(1, &x) ? fl_lowp_apply("rms_norm", rms_norm_f32, &eps, 1, &x, x->dtype, NULL) : fl_rms_norm(x, NULL, eps);
+    if (!xn || !w) return xn;
+    fl_tensor *y = fl_mul(w, xn);
+    fl_tensor_release(xn);
+    return y;
+}
+
 fl_tensor *fl_rms_norm(const fl_tensor *x, const fl_tensor *w, double eps) {
+    const fl_tensor *ins[2] = {x, w};
+    if (x && fl_lowp_any(2, ins)) return rms_norm_lowp(x, w, eps);
     if (fl_check_cpu_data("rms_norm", x) < 0 || fl_check_float("rms_norm", x) < 0) return NULL;
     if (x->ndim < 1) return fl_fail_null(FL_EINVAL, "rms_norm: input must have at least 1 dim, got %s", fl_shape_str(x));
     int64_t c = x->shape[x->ndim - 1];

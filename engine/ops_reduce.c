@@ -1,8 +1,16 @@
 /* engine/ops_reduce.c: sums, means and maxima. Every reduction uses fixed blocks combined in index order,
- * so 1 thread and N threads give the same bits. */
+ * so 1 thread and N threads give the same bits. bf16/f16 inputs run the f32 code and round once (ops_shape.c). */
 #include "internal.h"
 
 #include <math.h>
+
+/* Low-precision (bf16/f16) support, defined in ops_shape.c; these declarations belong in internal.h. */
+typedef fl_tensor *(*fl_lowp_fn)(const void *args, fl_tensor *const *ins, fl_tensor **aux);
+bool fl_lowp_any(int32_t n, const fl_tensor *const *ins);
+int32_t fl_lowp_promote(int32_t a, int32_t b);
+fl_tensor *fl_lowp_to(const fl_tensor *t, int32_t dtype);
+fl_tensor *fl_lowp_apply(const char *op, fl_lowp_fn fn, const void *args, int32_t n, const fl_tensor *const *ins,
+                         int32_t out_dtype, fl_tensor **aux);
 
 /* Sum of n contiguous values: blocks of FL_SUM_BLOCK summed in f64, blocks combined in order. */
 static double sum_contig(const void *p, int32_t dt, int64_t n) {
@@ -45,11 +53,27 @@ static fl_tensor *sum_all(const char *name, const fl_tensor *t, bool mean) {
     return out;
 }
 
-fl_tensor *fl_sum(const fl_tensor *t) { return sum_all("sum", t, false); }
-fl_tensor *fl_mean(const fl_tensor *t) { return sum_all("mean", t, true); }
+typedef struct { const char *name; int32_t dim; bool keepdim, mean; } reduce_args;
+
+static fl_tensor *sum_all_f32(const void *p, fl_tensor *const *ins, fl_tensor **aux) {
+    const reduce_args *a = p;
+    return sum_all(a->name, ins[0], a->mean);
+}
+
+static fl_tensor *sum_all_any(const char *name, const fl_tensor *t, bool mean) {
+    if (t && fl_lowp_any(1, &t)) {
+        reduce_args args = {name, 0, false, mean};
+        return fl_lowp_apply(name, sum_all_f32, &args, 1, &t, t->dtype, NULL);
+    }
+    return sum_all(name, t, mean);
+}
+
+fl_tensor *fl_sum(const fl_tensor *t) { return sum_all_any("sum", t, false); }
+fl_tensor *fl_mean(const fl_tensor *t) { return sum_all_any("mean", t, true); }
 
 double fl_sum_squares(const fl_tensor *t) {
-    if (fl_check_float("sum_squares", t) < 0) return NAN;
+    bool lowp = t && fl_lowp_any(1, &t);
+    if (lowp ? fl_check_cpu_data("sum_squares", t) < 0 : fl_check_float("sum_squares", t) < 0) return NAN;
     fl_tensor *c = fl_contiguous(t);
     int64_t n = fl_tensor_numel(t), nb = (n + FL_SUM_BLOCK - 1) / FL_SUM_BLOCK;
     const void *p = fl_tensor_data(c);
@@ -59,6 +83,7 @@ double fl_sum_squares(const fl_tensor *t) {
         int64_t lo = b * FL_SUM_BLOCK, hi = fl_min64(n, lo + FL_SUM_BLOCK);
         double s = 0;
         if (t->dtype == FL_F32) for (int64_t i = lo; i < hi; i++) { double x = ((const float *)p)[i]; s += x * x; }
+        else if (lowp) for (int64_t i = lo; i < hi; i++) { double x = fl_load_elem(p, t->dtype, i); s += x * x; }
         else for (int64_t i = lo; i < hi; i++) { double x = ((const double *)p)[i]; s += x * x; }
         part[b] = s;
     }
@@ -139,8 +164,21 @@ static fl_tensor *reduce_dim(const char *name, const fl_tensor *t, int32_t dim, 
     return out;
 }
 
-fl_tensor *fl_sum_dim(const fl_tensor *t, int32_t dim, bool keepdim) { return reduce_dim("sum_dim", t, dim, keepdim, false); }
-fl_tensor *fl_mean_dim(const fl_tensor *t, int32_t dim, bool keepdim) { return reduce_dim("mean_dim", t, dim, keepdim, true); }
+static fl_tensor *reduce_dim_f32(const void *p, fl_tensor *const *ins, fl_tensor **aux) {
+    const reduce_args *a = p;
+    return reduce_dim(a->name, ins[0], a->dim, a->keepdim, a->mean);
+}
+
+static fl_tensor *reduce_dim_any(const char *name, const fl_tensor *t, int32_t dim, bool keepdim, bool mean) {
+    if (t && fl_lowp_any(1, &t)) {
+        reduce_args args = {name, dim, keepdim, mean};
+        return fl_lowp_apply(name, reduce_dim_f32, &args, 1, &t, t->dtype, NULL);
+    }
+    return reduce_dim(name, t, dim, keepdim, mean);
+}
+
+fl_tensor *fl_sum_dim(const fl_tensor *t, int32_t dim, bool keepdim) { return reduce_dim_any("sum_dim", t, dim, keepdim, false); }
+fl_tensor *fl_mean_dim(const fl_tensor *t, int32_t dim, bool keepdim) { return reduce_dim_any("mean_dim", t, dim, keepdim, true); }
 
 fl_tensor *fl_sum_to_shape(const fl_tensor *t, int32_t ndim, const int64_t *shape) {
     if (t->ndim == ndim && memcmp(t->shape, shape, sizeof(int64_t) * (size_t)ndim) == 0) {
@@ -199,7 +237,16 @@ static int max_dim_backward(fl_node *n, fl_tensor *const *go, fl_tensor **gi) {
     return FL_OK;
 }
 
+static fl_tensor *max_dim_f32(const void *p, fl_tensor *const *ins, fl_tensor **aux) {
+    const reduce_args *a = p;
+    return fl_max_dim(ins[0], a->dim, a->keepdim, aux);
+}
+
 fl_tensor *fl_max_dim(const fl_tensor *t, int32_t dim, bool keepdim, fl_tensor **indices) {
+    if (t && fl_lowp_any(1, &t)) {   /* exact: the maximum is one of the inputs */
+        reduce_args args = {"max_dim", dim, keepdim, false};
+        return fl_lowp_apply("max_dim", max_dim_f32, &args, 1, &t, t->dtype, indices);
+    }
     if (fl_check_float("max_dim", t) < 0) return NULL;
     int32_t d = fl_wrap_dim(dim, t->ndim);
     if (d < 0) return fl_fail_null(FL_EINVAL, "max_dim: dim %d out of range for %s", dim, fl_shape_str(t));

@@ -52,11 +52,29 @@ fsdp.init, fsdp.world_size, fsdp.rank = dist.init, dist.world_size, dist.rank
 fsdp.mesh, fsdp.barrier = dist.mesh, dist.barrier
 
 -- Global gradient-norm clipping over a list of parameters (torch.nn.utils.clip_grad_norm_); returns the norm.
-function fsdp.clip_grad_norm(params, max_norm, opts) return require("fsdp.optim").clip_grad_norm(params, max_norm, opts) end
+-- FSDP shards' squared norms are summed over their shard group, so FSDP, HSDP and DDP give the same norm.
+function fsdp.clip_grad_norm(params, max_norm, opts)
+  opts = opts or {}
+  if opts.reduce == nil and type(params) == "table" then
+    local reduce = require("fsdp.fsdp").norm_reduce(params)
+    if reduce then opts = {reduce = reduce} end
+  end
+  return require("fsdp.optim").clip_grad_norm(params, max_norm, opts)
+end
+
+-- FSDP (DESIGN §5): plans, units, explain, memory. fsdp.ddp is plain data parallelism.
+function fsdp.apply_plan(model, plan, opts) return require("fsdp.fsdp").apply_plan(model, plan, opts) end
+function fsdp.fully_shard(module, opts) return require("fsdp.fsdp").fully_shard(module, opts) end
+function fsdp.explain(model, plan, world_size, opts) return require("fsdp.plan").explain(model, plan, world_size, opts) end
+function fsdp.shards(model) return require("fsdp.fsdp").shards(model) end
+function fsdp.memory_stats() return require("fsdp.fsdp").memory_stats() end
+function fsdp.reset_peak_memory() return require("fsdp.fsdp").reset_peak_memory() end
 
 local lazy = {
   nn = "fsdp.nn", models = "fsdp.models", optim = "fsdp.optim", data = "fsdp.data",
   checkpoint = "fsdp.checkpoint", safetensors = "fsdp.safetensors", autograd = "fsdp.autograd",
+  ddp = "fsdp.ddp",   -- the function itself: fsdp.ddp(model, {mesh =, bucket_cap_mb =})
+  plan = "fsdp.plan",
 }
 setmetatable(fsdp, {__index = function(t, k)
   local mod = lazy[k]

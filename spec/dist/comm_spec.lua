@@ -43,7 +43,7 @@ end
 
 for _, n in ipairs {2, 3} do
   describe(("collectives on %d ranks"):format(n), function()
-    it("all_gather puts each rank's input at its rank-major offset (f32 and all 8 bytes of i64)", function()
+    it("all_gather puts each rank's input at its rank-major offset (f32, all 8 bytes of i64, in place)", function()
       for r, got in ipairs(run(n)) do
         local want, want64 = {}, {}
         for p = 0, n - 1 do
@@ -51,6 +51,8 @@ for _, n in ipairs {2, 3} do
           for i = 0, 1 do want64[#want64 + 1] = 2 ^ 40 + p * 2 + i end
         end
         assert.same(want, got.all_gather, "rank " .. (r - 1))
+        assert.same(want, got.all_gather_in_place, "rank " .. (r - 1))
+        assert.truthy(got.all_gather_overlap:find(("input [3] overlaps output [%d] other than as rank %d's block"):format(3 * n, r - 1), 1, true), got.all_gather_overlap)
         assert.same(want64, got.all_gather_i64, "rank " .. (r - 1))
       end
     end)

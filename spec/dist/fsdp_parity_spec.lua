@@ -64,7 +64,7 @@ end
 for _, model in ipairs {"gpt2", "llama", "llama_tied"} do
   describe("FSDP parity, " .. model, function()
     for _, n in ipairs {2, 3} do
-      for _, mode in ipairs {"auto", "declared", "manual", "function", "ckpt"} do
+      for _, mode in ipairs {"auto", "declared", "manual", "function", "ckpt", "fully_shard"} do
         it(("%s at %d ranks matches DDP and one rank"):format(mode, n), function()
           local single, ddp, f = run(1, model, "single"), run(n, model, "ddp"), run(n, model, mode)
           compare(f, ddp, TOL_DDP, mode .. " vs ddp")

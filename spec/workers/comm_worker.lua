@@ -28,6 +28,14 @@ do
   local out64 = fsdp.zeros({n * 2}, {dtype = "i64"})
   dist.all_gather(out64, filled(2, function(i) return 2^40 + r * 2 + i end, "i64"))  -- above 2^32: all 8 bytes move
   res.all_gather_i64 = out64:totable()
+  -- in place: the input is this rank's block of the output (as FSDP's shard of its flat buffer)
+  local flat = fsdp.zeros({n * 3})
+  local mine = flat:narrow(1, r * 3 + 1, 3)
+  for i = 0, 2 do mine:set(i, r * 100 + i) end
+  dist.all_gather(flat, mine)
+  res.all_gather_in_place = flat:totable()
+  local ok, e = pcall(dist.all_gather, flat, flat:narrow(1, 2, 3))   -- overlapping, but no rank's block
+  res.all_gather_overlap = ok and "no error" or e
 end
 
 -- reduce_scatter: input of n*4 elements; this rank gets chunk r reduced over ranks.

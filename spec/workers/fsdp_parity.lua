@@ -11,6 +11,7 @@
 --        accum    auto, each step as 2 micro-batches, the first with gradient sync off
 --        ddp_accum  ddp, the same micro-batches under no_sync
 --        ckpt     auto with activation checkpointing of every block
+--        fully_shard  fsdp.fully_shard on every block, then on the model, then model:materialize
 --        hsdp     auto on a {dp_replicate = 2, dp_shard = world / 2} mesh
 local fsdp = require "fsdp"
 local dist = require "fsdp.dist"
@@ -52,6 +53,11 @@ if opt.mode == "ckpt" then
 end
 if opt.mode == "ddp" or opt.mode == "ddp_accum" then
   require("fsdp.ddp")(model)
+elseif opt.mode == "fully_shard" then
+  -- the low-level API, FSDP2 style: each block, then the root; then initialise the meta shards
+  for _, m in model:named_modules() do if m.is_block then F.fully_shard(m) end end
+  F.fully_shard(model)
+  model:materialize{seed = 7}
 elseif sharded then
   local mesh
   if opt.mode == "hsdp" then mesh = dist.mesh{{"dp_replicate", 2}, {"dp_shard", math.floor(world / 2)}} end

@@ -17,24 +17,12 @@ M.comm_of_shard = setmetatable({}, {__mode = "k"})
 
 local function dist() return require "fsdp.dist" end
 
--- Shard and replicate process groups from opts.mesh: a 1-D mesh shards over its only dim; a mesh with
--- dp_shard (and optionally dp_replicate) shards over dp_shard and all-reduces over dp_replicate (HSDP).
+-- Shard and replicate process groups from opts.mesh (fsdp.dist.mesh_comms): a 1-D mesh shards over its only
+-- dim; a mesh with dp_shard and dp_replicate shards over dp_shard and all-reduces over dp_replicate (HSDP).
 local function comms_of(mesh)
   local d = dist()
-  if mesh == nil then
-    d.init()
-    return C.fl_comm_world(), nil
-  end
-  if getmetatable(mesh) ~= d.Mesh then
-    error(("fsdp: mesh must be an fsdp.mesh, got %s"):format(type(mesh)), 4)
-  end
-  if mesh:ndim() == 1 then return d.comm_ptr(mesh), nil end
-  local names = mesh:names()
-  if #names == 2 and names[1] == "dp_replicate" and names[2] == "dp_shard" then
-    return d.comm_ptr(mesh.dp_shard), d.comm_ptr(mesh.dp_replicate)
-  end
-  error(("fsdp: a 2-D mesh must be (dp_replicate, dp_shard) for HSDP, got (%s); pass a 1-D mesh to shard over")
-        :format(table.concat(names, ", ")), 4)
+  d.init()
+  return d.mesh_comms(mesh)
 end
 
 local DTYPES = {f32 = true, f64 = true, bf16 = true}
@@ -87,11 +75,16 @@ local function make_unit(group, spec, params, mods, opts)
   for i, e in ipairs(params) do
     local shard = Tensor.wrap(C.fl_fsdp_unit_shard(up, i - 1))
     local full = e[2]
-    if e[5] then   -- was on meta: initialise this rank's rows as the full initialisation would have them
-      local init = e[3]._param_init[e[4]]
+    if e[5] then   -- was on meta: this rank's rows of the full initialisation
       local row0 = tonumber(C.fl_fsdp_unit_shard_row0(up, i - 1))
-      local row_numel = full:numel() / math.max(full:size(1), 1)
-      if init[1] ~= "keep" and shard:numel() > 0 then Module.init_values(shard, init, seed, e[1], row0 * row_numel) end
+      local offset = row0 * (full:numel() / math.max(full:dim() > 0 and full:size(1) or 1, 1))
+      if e[6] then
+        -- fully_shard on a submodule does not know the full dotted names: model:materialize{seed=} initialises
+        Module.shard_init_offset[shard] = offset
+      else
+        local init = e[3]._param_init[e[4]]
+        if init[1] ~= "keep" and shard:numel() > 0 then Module.init_values(shard, init, seed, e[1], offset) end
+      end
     end
     Module.shard_of[full] = shard
     M.comm_of_shard[shard] = shard_comm
@@ -162,18 +155,36 @@ function M.apply_plan(model, plan, opts)
   return model
 end
 
-local FULLY_SHARD = {mesh = true, reshard_after_forward = true, mp_policy = true, seed = true, group = true}
+local FULLY_SHARD = {mesh = true, reshard_after_forward = true, mp_policy = true, group = true}
 
 -- fully_shard(module_or_list, {mesh=, reshard_after_forward=true, mp_policy={param_dtype=, reduce_dtype=,
 -- output_dtype=}}): one unit over every parameter of the module(s) that no earlier fully_shard claimed —
--- call it on the blocks first, then on the root, as with PyTorch FSDP2. Units of one model share a group:
--- pass {group = fsdp.fsdp.group(model)} or let the first call on a module tree create it on that module.
+-- call it on the blocks first, then on the root, as with PyTorch FSDP2. Units of one module tree share a group
+-- (found through the already sharded submodules). Parameters still on meta are sharded uninitialised: call
+-- model:materialize{seed = ...} afterwards, which fills each rank's rows as the full initialisation would.
 function M.fully_shard(target, opts)
   opts = core.check_opts("fully_shard", opts, FULLY_SHARD, 2)
   local list = (getmetatable(target) ~= nil and rawget(target, "_params")) and {target} or target
   if type(list) ~= "table" or #list == 0 then error("fully_shard: expected a module or a list of modules", 2) end
-  M._default_group = M._default_group or new_group()
-  local group = opts.group or M._default_group
+  -- One group per module tree: the groups of already sharded submodules (blocks first, then the root) are
+  -- merged into one, so the root's forward order and final pass cover every unit below it.
+  local group, subs = opts.group, {}
+  for _, m in ipairs(list) do
+    for _, sub in m:named_modules() do
+      local g = rawget(sub, "_fsdp_group")
+      if g then subs[#subs + 1] = sub; group = group or g end
+    end
+  end
+  group = group or new_group()
+  for _, sub in ipairs(subs) do
+    local g = sub._fsdp_group
+    if g ~= group then
+      core.check(C.fl_fsdp_group_merge(group.ptr, g.ptr), "fully_shard", 2)
+      for _, u in ipairs(g.units) do group.units[#group.units + 1] = u end
+      g.units = {}
+    end
+    rawset(sub, "_fsdp_group", group)
+  end
   local plist, claimed = {}, {}
   for _, m in ipairs(list) do
     for _, e in ipairs(m:full_parameter_list()) do
@@ -181,6 +192,7 @@ function M.fully_shard(target, opts)
       if not Module.shard_of[t] and not claimed[t] then
         claimed[t] = true
         e[5] = t.device == "meta"
+        e[6] = true   -- names are local to the module: defer the initialisation to materialize
         plist[#plist + 1] = e
       end
     end
@@ -188,7 +200,9 @@ function M.fully_shard(target, opts)
   local spec = {name = list[1].__name or "module", reshard_after_forward = opts.reshard_after_forward ~= false,
                 mixed_precision = opts.mp_policy}
   if #plist == 0 then error("fully_shard: the module(s) have no parameters left to shard", 2) end
-  return make_unit(group, spec, plist, list, opts)
+  local u = make_unit(group, spec, plist, list, opts)
+  for _, m in ipairs(list) do rawset(m, "_fsdp_group", group) end  -- the last call's module is the root
+  return u
 end
 
 -- Gradient sync for accumulation micro-steps (FSDP2's set_requires_gradient_sync).
@@ -249,6 +263,8 @@ function M.full_state_dict(model, opts)
     for _, e in ipairs(model:parameter_list()) do if keep then out[e[1]] = e[2]:detach():contiguous() end end
     return out
   end
+  local name_of = {}   -- units made by fully_shard on a submodule know only local names
+  for _, e in ipairs(model:full_parameter_list()) do name_of[e[2]] = e[1] end
   for _, u in ipairs(g.units) do
     local was = C.fl_fsdp_is_unsharded(u.ptr)
     core.check(C.fl_fsdp_unshard(u.ptr, false), "full_state_dict " .. u.name, 2)
@@ -256,7 +272,7 @@ function M.full_state_dict(model, opts)
       for _, e in ipairs(u.params) do
         local copy = Tensor.empty(e[2]:shape(), {dtype = "f32"})
         copy:copy_(e[2])
-        out[e[1]] = copy
+        out[name_of[e[2]] or e[1]] = copy
       end
     end
     if not was then core.check(C.fl_fsdp_reshard(u.ptr), "full_state_dict " .. u.name, 2) end

@@ -141,6 +141,9 @@ end
 
 -- Full parameter -> its local shard, once FSDP has sharded it (weak: the map never keeps a tensor alive).
 Module.shard_of = setmetatable({}, {__mode = "k"})
+-- Shards of parameters sharded while on meta, not initialised yet -> the element offset of their first row in
+-- the full parameter (materialize initialises them under the parameter's full dotted name).
+Module.shard_init_offset = setmetatable({}, {__mode = "k"})
 
 -- List of {name, tensor, module, local_name}, each tensor once (a tied weight keeps its first name, as torch).
 -- Under FSDP the tensor is the local shard (what optimizers and clipping see); full_parameter_list gives
@@ -211,9 +214,18 @@ local MATERIALIZE_OPTS = {seed = true}
 function Module:materialize(opts)
   opts = core.check_opts("materialize", opts, MATERIALIZE_OPTS, 2)
   local seed = opts.seed or 0
-  for _, e in ipairs(self:parameter_list()) do
+  for _, e in ipairs(self:full_parameter_list()) do
     local name, t, m, pn = e[1], e[2], e[3], e[4]
-    if t.device == "meta" then
+    local shard = Module.shard_of[t]
+    local offset = shard and Module.shard_init_offset[shard]
+    if offset then
+      -- sharded while on meta (fully_shard before init, as torchtitan does): initialise this rank's rows only
+      local init = m._param_init[pn]
+      if init[1] ~= "keep" and shard:numel() > 0 then Module.init_values(shard, init, seed, name, offset) end
+      Module.shard_init_offset[shard] = nil
+    elseif shard then
+      -- already sharded with its values
+    elseif t.device == "meta" then
       core.check(C.fl_tensor_storage_alloc(t._p), "materialize " .. name, 2)
       C.fl_tensor_set_category(t._p, core.mem_categories.param)
       local init = m._param_init[pn]
@@ -240,6 +252,15 @@ function Module:eval() return self:train(false) end
 
 function Module:zero_grad()
   for _, t in ipairs(self:parameters()) do C.fl_tensor_set_grad(t._p, nil) end
+end
+
+-- Full tensors by HF name: gathers FSDP units in turn (every rank must call it). See fsdp.fsdp.full_state_dict.
+function Module:full_state_dict(opts) return require("fsdp.fsdp").full_state_dict(self, opts) end
+
+-- FSDP2's set_requires_gradient_sync: off for accumulation micro-steps (sharded or DDP models).
+function Module:set_requires_gradient_sync(on)
+  if rawget(self, "_fsdp_group") then return require("fsdp.fsdp").set_requires_gradient_sync(self, on) end
+  error("set_requires_gradient_sync: the model is neither sharded (fsdp.apply_plan) nor wrapped by fsdp.ddp", 2)
 end
 
 function Module:num_parameters()
