@@ -1,8 +1,18 @@
 /* engine/ops_embed.c: embedding lookup (backward: deterministic scatter-add of rows) and rotary position
- * embedding in the Hugging Face rotate_half convention, with backward, f32/f64. Attention is ops_attn.c. */
+ * embedding in the Hugging Face rotate_half convention, with backward, f32/f64 and bf16/f16 (the lookup copies
+ * rows of any float dtype; its bf16 gradient is summed in f32 and rounded once; RoPE in bf16 rounds where
+ * Hugging Face's torch code does). Attention is ops_attn.c. */
 #include "internal.h"
 
 #include <math.h>
+
+/* Low-precision (bf16/f16) support, defined in ops_shape.c; these declarations belong in internal.h. */
+typedef fl_tensor *(*fl_lowp_fn)(const void *args, fl_tensor *const *ins, fl_tensor **aux);
+bool fl_lowp_any(int32_t n, const fl_tensor *const *ins);
+int32_t fl_lowp_promote(int32_t a, int32_t b);
+fl_tensor *fl_lowp_to(const fl_tensor *t, int32_t dtype);
+fl_tensor *fl_lowp_apply(const char *op, fl_lowp_fn fn, const void *args, int32_t n, const fl_tensor *const *ins,
+                         int32_t out_dtype, fl_tensor **aux);
 
 static int64_t id_at(const void *p, int32_t dt, int64_t i) {
     return dt == FL_I64 ? ((const int64_t *)p)[i] : (int64_t)((const int32_t *)p)[i];
@@ -17,6 +27,12 @@ static int embedding_backward(fl_node *n, fl_tensor *const *go, fl_tensor **gi) 
     const fl_tensor *ids = n->saved[0];
     int64_t h = n->in_shape[0][1], cnt = fl_tensor_numel(ids);
     fl_tensor *g = fl_contiguous(go[0]);
+    bool lowp = g && fl_lowp_any(1, (const fl_tensor *const *)&g);
+    if (lowp) {   /* bf16/f16: rows summed in f32, the result rounded once below */
+        fl_tensor *g32 = fl_lowp_to(g, FL_F32);
+        fl_tensor_release(g);
+        g = g32;
+    }
     fl_tensor *dw = g ? fl_tensor_zeros(2, n->in_shape[0], g->dtype, FL_CPU) : NULL;
     if (!dw) { fl_tensor_release(g); return FL_ENOMEM; }
     const void *pi = fl_tensor_data(ids);
@@ -40,12 +56,18 @@ static int embedding_backward(fl_node *n, fl_tensor *const *go, fl_tensor **gi) 
         }
     }
     fl_tensor_release(g);
+    if (lowp) {
+        fl_tensor *r = fl_lowp_to(dw, go[0]->dtype);
+        fl_tensor_release(dw);
+        if (!(dw = r)) return FL_ENOMEM;
+    }
     gi[0] = dw;
     return FL_OK;
 }
 
 fl_tensor *fl_embedding(const fl_tensor *weight, const fl_tensor *ids) {
-    if (fl_check_cpu_data("embedding", weight) < 0 || fl_check_cpu_data("embedding", ids) < 0 || fl_check_float("embedding", weight) < 0)
+    if (fl_check_cpu_data("embedding", weight) < 0 || fl_check_cpu_data("embedding", ids) < 0 ||
+        (!fl_lowp_any(1, &weight) && fl_check_float("embedding", weight) < 0))
         return NULL;
     if (weight->ndim != 2) return fl_fail_null(FL_EINVAL, "embedding: weight must be [V, H], got %s", fl_shape_str(weight));
     if (ids->dtype != FL_I64 && ids->dtype != FL_I32)
@@ -99,6 +121,10 @@ static int rope_tables(const fl_tensor *pos, int64_t t, double theta, int64_t ro
     return FL_OK;
 }
 
+static float lp_up(int32_t dt, uint16_t h) { return dt == FL_BF16 ? fl_bf16_to_f32(h) : fl_f16_to_f32(h); }
+static uint16_t lp_down(int32_t dt, float f) { return dt == FL_BF16 ? fl_f32_to_bf16(f) : fl_f32_to_f16(f); }
+static float lp_round(int32_t dt, float f) { return lp_up(dt, lp_down(dt, f)); }
+
 /* out = x rotated (dir = +1) or rotated back (dir = -1, the transpose: backward). x has any strides with
  * the last dim contiguous; out is contiguous [B, T, heads, hd]. */
 static void rope_apply(const fl_tensor *x, void *out, const float *cs, const float *sn, int64_t rot, int dir) {
@@ -121,6 +147,19 @@ static void rope_apply(const fl_tensor *x, void *out, const float *cs, const flo
                 o[i + half] = a[i + half] * c[i] + sg * (a[i] * s[i]);
             }
             for (int64_t i = rot; i < hd; i++) o[i] = a[i];
+        } else if (dt == FL_BF16 || dt == FL_F16) {
+            /* Hugging Face in bf16: q * cos + rotate_half(q) * sin is three torch ops, each rounded to x's dtype
+             * (cos/sin come rounded from rope_raw). Backward (dir -1) is the same pattern: autograd rounds
+             * g * cos and g * sin, then their sum. */
+            const uint16_t *a = (const uint16_t *)src;
+            uint16_t *o = (uint16_t *)out + r * hd;
+            float sg = (float)dir;
+            for (int64_t i = 0; i < half; i++) {
+                float a1 = lp_up(dt, a[i]), a2 = lp_up(dt, a[i + half]);
+                o[i] = lp_down(dt, lp_round(dt, a1 * c[i]) - sg * lp_round(dt, a2 * s[i]));
+                o[i + half] = lp_down(dt, lp_round(dt, a2 * c[i]) + sg * lp_round(dt, a1 * s[i]));
+            }
+            for (int64_t i = rot; i < hd; i++) o[i] = a[i];
         } else {
             const double *a = (const double *)src;
             double *o = (double *)out + r * hd, sg = (double)dir;
@@ -139,6 +178,8 @@ static fl_tensor *rope_raw(const fl_tensor *x, const fl_tensor *pos, double thet
     fl_tensor *out = cs && sn ? fl_tensor_empty(4, x->shape, x->dtype, FL_CPU) : NULL;
     if (out) {
         rope_tables(pos, t, theta, rot, cs, sn);
+        if (x->dtype == FL_BF16 || x->dtype == FL_F16)   /* HF: cos.to(x.dtype), sin.to(x.dtype) */
+            for (int64_t i = 0; i < t * half; i++) { cs[i] = lp_round(x->dtype, cs[i]); sn[i] = lp_round(x->dtype, sn[i]); }
         rope_apply(x, fl_tensor_data(out), cs, sn, rot, dir);
     } else if (!cs || !sn) {
         fl_fail(FL_ENOMEM, "rope: tables for %" PRId64 " positions", t);
@@ -158,7 +199,7 @@ static int rope_backward(fl_node *n, fl_tensor *const *go, fl_tensor **gi) {
 }
 
 fl_tensor *fl_rope(const fl_tensor *x, const fl_tensor *pos, double theta, int32_t rot_dim) {
-    if (fl_check_cpu_data("rope", x) < 0 || fl_check_float("rope", x) < 0) return NULL;
+    if (fl_check_cpu_data("rope", x) < 0 || (!fl_lowp_any(1, &x) && fl_check_float("rope", x) < 0)) return NULL;
     if (x->ndim != 4) return fl_fail_null(FL_EINVAL, "rope: x must be [B, T, heads, hd], got %s", fl_shape_str(x));
     int64_t t = x->shape[1], hd = x->shape[3];
     if (rot_dim <= 0 || rot_dim > hd || rot_dim % 2)

@@ -1,11 +1,21 @@
 /* engine/ops_softmax.c: softmax and log-softmax over any dim, and the fused mean cross-entropy (log-softmax +
  * NLL with ignore_index), each with backward, f32/f64. Row sums run in f64 in index order, and the loss is
- * the ordered sum of per-row losses, so results do not depend on the thread count. */
+ * the ordered sum of per-row losses, so results do not depend on the thread count. bf16/f16 inputs run the
+ * f32 code (ops_shape.c): softmax rounds once to the input dtype, cross-entropy returns an f32 loss (Hugging
+ * Face upcasts logits before the loss) and a gradient rounded once to the logits' dtype. */
 #include "internal.h"
 
 #include <math.h>
 
 #include "../kernels/fl_math.h"
+
+/* Low-precision (bf16/f16) support, defined in ops_shape.c; these declarations belong in internal.h. */
+typedef fl_tensor *(*fl_lowp_fn)(const void *args, fl_tensor *const *ins, fl_tensor **aux);
+bool fl_lowp_any(int32_t n, const fl_tensor *const *ins);
+int32_t fl_lowp_promote(int32_t a, int32_t b);
+fl_tensor *fl_lowp_to(const fl_tensor *t, int32_t dtype);
+fl_tensor *fl_lowp_apply(const char *op, fl_lowp_fn fn, const void *args, int32_t n, const fl_tensor *const *ins,
+                         int32_t out_dtype, fl_tensor **aux);
 
 enum { EXP_CHUNK = 1024 };  /* f32 exps go through a stack buffer in chunks so that the exp loop vectorises */
 
@@ -129,8 +139,24 @@ static fl_tensor *softmax_any(const char *name, const fl_tensor *x, int32_t dim,
     return y;
 }
 
-fl_tensor *fl_softmax(const fl_tensor *x, int32_t dim) { return softmax_any("softmax", x, dim, false); }
-fl_tensor *fl_log_softmax(const fl_tensor *x, int32_t dim) { return softmax_any("log_softmax", x, dim, true); }
+typedef struct { int32_t dim; bool logsm; } softmax_args;
+
+static fl_tensor *softmax_f32(const void *p, fl_tensor *const *ins, fl_tensor **aux) {
+    const softmax_args *a = p;
+    return softmax_any(a->logsm ? "log_softmax" : "softmax", ins[0], a->dim, a->logsm);
+}
+
+/* bf16/f16: the f32 node keeps its f32 output for backward (what the f32 op would use), not the rounded one. */
+static fl_tensor *softmax_lowp(const char *name, const fl_tensor *x, int32_t dim, bool logsm) {
+    if (x && fl_lowp_any(1, &x)) {
+        softmax_args args = {dim, logsm};
+        return fl_lowp_apply(name, softmax_f32, &args, 1, &x, x->dtype, NULL);
+    }
+    return softmax_any(name, x, dim, logsm);
+}
+
+fl_tensor *fl_softmax(const fl_tensor *x, int32_t dim) { return softmax_lowp("softmax", x, dim, false); }
+fl_tensor *fl_log_softmax(const fl_tensor *x, int32_t dim) { return softmax_lowp("log_softmax", x, dim, true); }
 
 /* ---- cross-entropy: saved logits [N, C], targets, per-row logsumexp [N] (f64) ---- */
 
@@ -173,7 +199,15 @@ static int cross_entropy_backward(fl_node *n, fl_tensor *const *go, fl_tensor **
     return FL_OK;
 }
 
+static fl_tensor *cross_entropy_f32(const void *p, fl_tensor *const *ins, fl_tensor **aux) {
+    return fl_cross_entropy(ins[0], ins[1], *(const int64_t *)p);
+}
+
 fl_tensor *fl_cross_entropy(const fl_tensor *logits, const fl_tensor *targets, int64_t ignore_index) {
+    if (logits && fl_lowp_any(1, &logits)) {
+        const fl_tensor *ins[2] = {logits, targets};
+        return fl_lowp_apply("cross_entropy", cross_entropy_f32, &ignore_index, 2, ins, FL_F32, NULL);
+    }
     const char *op = "cross_entropy";
     if (fl_check_cpu_data(op, logits) < 0 || fl_check_cpu_data(op, targets) < 0 || fl_check_float(op, logits) < 0) return NULL;
     if (logits->ndim != 2) return fl_fail_null(FL_EINVAL, "cross_entropy: logits must be [N, C], got %s", fl_shape_str(logits));
