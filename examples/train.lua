@@ -1,9 +1,13 @@
 -- examples/train.lua: trains a small GPT-2 (or Llama) from scratch on tinyshakespeare, byte-level, on the
 -- CPU, then samples text from it. `make demo` runs it with a 110 s budget:
 --     build/fsdp-lua examples/train.lua --time 110
+-- On N ranks (`build/fsdp-lua -n 3 examples/train.lua`) the model is built on meta and sharded with an FSDP
+-- plan (--plan auto by default; declared, or ddp for plain data parallelism); each rank trains on its own
+-- batch of --batch sequences, so the global batch is N x --batch.
 -- Options (all optional): --model gpt2|llama  --steps N  --time SECONDS  --batch B  --seq T  --lr PEAK
 --   --min-lr LR  --warmup N  --layers L  --embd C  --heads H  --wd W  --clip NORM  --seed S  --log N
 --   --data PATH  --sample CHARS  --temperature X (0 = greedy)  --prompt TEXT  --threads N
+--   --plan auto|declared|ddp|none (default: auto on N > 1 ranks, none on one)
 local fsdp  = require "fsdp"
 local optim = require "fsdp.optim"
 local data  = require "fsdp.data"
@@ -21,8 +25,10 @@ local DEFAULTS = {
   model = "gpt2", steps = nil, time = nil, batch = 8, seq = 128, lr = 3e-3, ["min-lr"] = 3e-4, warmup = 10,
   layers = 4, embd = 128, heads = 4, wd = 0.1, clip = 1.0, seed = 1234, log = 10,
   data = here .. "/data/tinyshakespeare.txt", sample = 300, temperature = 0.8, prompt = "ROMEO:\n", threads = nil,
+  plan = "default",   -- auto on N > 1 ranks, none on one
 }
-local STRINGS = {model = true, data = true, prompt = true}
+local STRINGS = {model = true, data = true, prompt = true, plan = true}
+local PLANS = {auto = true, declared = true, ddp = true, none = true, default = true}
 
 local function usage_error(msg)
   io.stderr:write("train.lua: ", msg, "\n")
@@ -55,6 +61,7 @@ local function parse_args(argv)
   if o.model ~= "gpt2" and o.model ~= "llama" then
     usage_error(("--model must be gpt2 or llama, got '%s'"):format(o.model))
   end
+  if not PLANS[o.plan] then usage_error(("--plan must be auto, declared, ddp or none, got '%s'"):format(o.plan)) end
   return o
 end
 
@@ -72,7 +79,12 @@ local function build_model(o)
       num_attention_heads = o.heads, num_key_value_heads = o.heads, tie_word_embeddings = true,
     })
   end
-  return fsdp.models.build(cfg, {seed = o.seed})
+  -- FSDP builds on meta: each rank then initialises only its own rows of every parameter.
+  local sharded = o.plan == "auto" or o.plan == "declared"
+  local model = fsdp.models.build(cfg, {seed = o.seed, device = sharded and "meta" or "cpu"})
+  if sharded then fsdp.apply_plan(model, o.plan, {seed = o.seed})
+  elseif o.plan == "ddp" then fsdp.ddp(model) end
+  return model
 end
 
 -- Softmax sampling over the last position's logits (temperature 0: argmax).
@@ -115,15 +127,24 @@ end
 local function main(argv)
   local o = parse_args(argv)
   if o.threads then fsdp.set_num_threads(o.threads) end
+  fsdp.init{seed = o.seed}
+  local rank, world = fsdp.rank(), fsdp.world_size()
+  if o.plan == "default" then o.plan = world > 1 and "auto" or "none" end
+  if world > 1 and o.plan == "none" then usage_error("--plan none trains on one rank; use auto, declared or ddp") end
+  local function say(...) if rank == 0 then print(...); io.stdout:flush() end end
   local src = data.from_text(o.data)
-  local loader = data.loader(src, {batch = o.batch, seq = o.seq, seed = o.seed})
+  -- every rank draws its own windows: the same loader, seeded per rank
+  local loader = data.loader(src, {batch = o.batch, seq = o.seq, seed = o.seed + 7919 * rank})
   local model = build_model(o)
   local params = model:parameters()
   local nparams = 0
   for _, p in ipairs(params) do nparams = nparams + p:numel() end
   local opt = optim.AdamW(optim.param_groups(model, {weight_decay = o.wd}), {lr = o.lr, betas = {0.9, 0.95}})
-  print(("model %s: %d layers, %d embd, %d heads, %.2fM parameters; data %d tokens; batch %d x %d; %d threads")
-        :format(o.model, o.layers, o.embd, o.heads, nparams / 1e6, src.n, o.batch, o.seq, fsdp.get_num_threads()))
+  local total_params = fsdp.tensor({nparams}, {dtype = "f64"})
+  if o.plan == "auto" or o.plan == "declared" then fsdp.dist.all_reduce(total_params) end   -- shards add up
+  say(("model %s: %d layers, %d embd, %d heads, %.2fM parameters; data %d tokens; batch %d x %d on %d rank%s (plan %s); %d threads")
+        :format(o.model, o.layers, o.embd, o.heads, total_params:get(0) / 1e6, src.n, o.batch, o.seq, world,
+                world > 1 and "s" or "", o.plan, fsdp.get_num_threads()))
 
   -- Linear warmup over --warmup steps, then a cosine decay to --min-lr over the steps or, with --time, over
   -- the time budget (the machine's speed varies, so progress is elapsed / budget).
@@ -145,26 +166,33 @@ local function main(argv)
     local out = model(batch.input_ids, {labels = batch.labels})
     local loss = out.loss:item()
     out.loss:backward()
-    optim.clip_grad_norm(params, o.clip)
+    fsdp.clip_grad_norm(params, o.clip)   -- sums over the shard group under FSDP
     opt:step()
     opt:zero_grad()
     out.loss:free(); out.logits:free(); batch.input_ids:free(); batch.labels:free()
-    tokens_since = tokens_since + o.batch * o.seq
+    tokens_since = tokens_since + o.batch * o.seq * world
     loss_sum, loss_n = loss_sum + loss, loss_n + 1
     local t = now()
     local done = (total and step >= total) or (o.time and t - began >= o.time)
+    if world > 1 then   -- the ranks' clocks differ: stop when any rank's budget is spent, all together
+      local flag = fsdp.tensor({done and 1 or 0}, {dtype = "f64"})
+      fsdp.dist.all_reduce(flag, {op = "max"})
+      done = flag:get(0) > 0
+    end
     if step == 1 or step % o.log == 0 or done then   -- the loss printed is the mean since the last line
-      print(("step %5d  loss %.4f  lr %.2e  %7.0f tokens/s  %6.1f s")
-            :format(step, loss_sum / loss_n, lr, tokens_since / (t - last_log), t - began))
-      io.stdout:flush()
+      local l = fsdp.tensor({loss_sum / loss_n}, {dtype = "f64"})
+      if world > 1 then fsdp.dist.all_reduce(l, {op = "avg"}) end   -- over the ranks' batches
+      say(("step %5d  loss %.4f  lr %.2e  %7.0f tokens/s  %6.1f s")
+            :format(step, l:get(0), lr, tokens_since / (t - last_log), t - began))
       last_log, tokens_since, loss_sum, loss_n = t, 0, 0, 0
     end
     if done then break end
   end
-  print(("trained %d steps in %.1f s; sampling %d bytes (temperature %g):"):format(step, now() - began, o.sample, o.temperature))
-  print("----")
-  print(generate(model, o))
-  print("----")
+  say(("trained %d steps in %.1f s; sampling %d bytes (temperature %g):"):format(step, now() - began, o.sample, o.temperature))
+  local text = generate(model, o)   -- every rank runs the sharded forward; rank 0 prints
+  say("----")
+  say(text)
+  say("----")
 end
 
 main({...})

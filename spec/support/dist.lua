@@ -46,9 +46,10 @@ local function now()
   return tonumber(s) or os.time()
 end
 
-local RUN_OPTS = {timeout = true, env = true, dir = true, launcher_args = true}
+local RUN_OPTS = {timeout = true, env = true, dir = true, launcher_args = true, no_dir = true}
 
--- run(n, worker, args, {timeout = 60, env = {NAME = value | false}, dir = <result dir>, launcher_args = {...}})
+-- run(n, worker, args, {timeout = 60, env = {NAME = value | false}, dir = <result dir>, launcher_args = {...},
+--     no_dir = true})  -- no_dir: do not pass the result dir as the first argument (a plain script, not a worker)
 -- Runs `fsdp-lua -n n [launcher_args] worker dir args...` from the repository root. OMP_NUM_THREADS is unset unless
 -- env sets it (the launcher then splits the cores between the ranks); env NAME = false unsets NAME. Returns
 -- {code, timed_out, stdout, stderr, output = stdout .. stderr, dir, elapsed}.
@@ -73,7 +74,7 @@ function M.run(n, worker, args, opts)
   local out, err, rcf = dir .. "/.stdout", dir .. "/.stderr", dir .. "/.rc"
   local cmd = ("cd %s && %s timeout -k 5 %d %s -n %d %s %s %s %s > %s 2> %s < /dev/null; echo $? > %s")
     :format(q(M.root), table.concat(env, " "), timeout, q(M.exe), n, table.concat(opts.launcher_args or {}, " "),
-            q(worker), q(dir), table.concat(parts, " "), q(out), q(err), q(rcf))
+            q(worker), opts.no_dir and "" or q(dir), table.concat(parts, " "), q(out), q(err), q(rcf))
   local t0 = now()
   os.execute(cmd)
   local elapsed = now() - t0
