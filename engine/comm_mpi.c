@@ -8,23 +8,6 @@
 #include <mpi.h>
 #include <stdio.h>
 
-/* The interface comm.c uses; comm.c repeats these declarations (internal.h is shared by the whole engine). */
-bool fl_mpi_launched(void);
-int fl_mpi_init(void **world, int32_t *rank, int32_t *size);
-int fl_mpi_finalize(void *world);
-void fl_mpi_abort(int32_t code);
-int fl_mpi_split(void *g, int32_t color, int32_t key, void **out, int32_t *rank, int32_t *size);
-int fl_mpi_global_ranks(void *g, int32_t size, int32_t *out);
-void fl_mpi_free(void *g);
-int fl_mpi_allgather(void *g, const void *in, void *out, int64_t count, size_t esz);
-int fl_mpi_allgatherv_inplace(void *g, void *buf, const int *counts, const int *displs, size_t esz);
-int fl_mpi_alltoallv(void *g, const void *in, const int *sc, const int *sd, void *out, const int *rc, const int *rd,
-                     size_t esz);
-int fl_mpi_bcast(void *g, void *buf, int64_t count, size_t esz, int32_t root);
-int fl_mpi_barrier(void *g);
-int fl_mpi_isend(void *g, const void *buf, int64_t count, size_t esz, int32_t dst, int32_t tag, void **req);
-int fl_mpi_irecv(void *g, void *buf, int64_t count, size_t esz, int32_t src, int32_t tag, void **req);
-int fl_mpi_test(void **req, bool *done, int64_t *bytes);
 
 typedef struct mpi_group {
     MPI_Comm comm;
