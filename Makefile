@@ -72,6 +72,7 @@ demo: all
 
 bench: all
 	$(BUILD)/fsdp-lua spec/bench/bench.lua
+	$(BUILD)/fsdp-lua spec/bench/bench_dist.lua --all
 
 PREFIX ?= /usr/local
 install: all

@@ -48,6 +48,7 @@ struct fl_fsdp_group {
     fl_fsdp_unit **order;     /* forward order of first use, recorded during the first forward */
     int32_t n_order;
     bool recorded;            /* one full forward+backward seen: order is final */
+    fl_fsdp_unit *reducing;   /* the unit whose reduce-scatter is in flight (at most one, as FSDP2) */
     int32_t peak_unsharded;
 };
 
@@ -247,17 +248,48 @@ int64_t fl_fsdp_unit_shard_row0(const fl_fsdp_unit *u, int32_t i) { return i >= 
 bool fl_fsdp_is_unsharded(const fl_fsdp_unit *u) { return u->state == UNIT_UNSHARDED; }
 void fl_fsdp_set_sync(fl_fsdp_unit *u, bool sync) { u->sync = sync; }
 
+/* Gathers parameter i's f32 shards into out (f32, the full shape): the master weights, also under mixed
+ * precision where the unsharded weights are bf16. Collective over the shard group; the unit's state is left
+ * as it is. */
+int fl_fsdp_gather_param(fl_fsdp_unit *u, int32_t i, fl_tensor *out) {
+    if (i < 0 || i >= u->n) return fl_fail(FL_EINVAL, "fsdp %s: no parameter %d", u->name, i);
+    fsdp_param *p = &u->p[i];
+    if (out->dtype != FL_F32 || !fl_tensor_is_contiguous(out) || fl_tensor_numel(out) != p->rows * p->row_numel)
+        return fl_fail(FL_EINVAL, "fsdp %s: gather_param %d needs a contiguous f32 tensor of %" PRId64 " elements, got %s %s",
+                       u->name, i, p->rows * p->row_numel, fl_dtype_name(out->dtype), fl_shape_str(out));
+    int64_t n1 = p->rows_per_rank * p->row_numel, nw = n1 * u->world;
+    fl_tensor *in = fl_tensor_zeros(1, &n1, FL_F32, FL_CPU), *all = fl_tensor_empty(1, &nw, FL_F32, FL_CPU);
+    int rc = in && all ? FL_OK : fl_fail(FL_ENOMEM, "fsdp %s: out of memory", u->name);
+    if (rc == FL_OK && p->nrows) memcpy(fl_tensor_data(in), fl_tensor_data(p->shard), sizeof(float) * (size_t)(p->nrows * p->row_numel));
+    if (rc == FL_OK) rc = fl_all_gather(u->shard_comm, all, in);
+    if (rc == FL_OK) {
+        /* rank r's padded block starts at r * n1; its real rows are the first nr of them */
+        const float *src = fl_tensor_data(all);
+        float *dst = fl_tensor_data(out);
+        for (int32_t r = 0; r < u->world; r++) {
+            int64_t r0 = fl_min64(p->rows, (int64_t)r * p->rows_per_rank);
+            int64_t nr = fl_min64(p->rows, r0 + p->rows_per_rank) - r0;
+            if (nr > 0) memcpy(dst + r0 * p->row_numel, src + r * n1, sizeof(float) * (size_t)(nr * p->row_numel));
+        }
+    }
+    fl_tensor_release(in);
+    fl_tensor_release(all);
+    return rc;
+}
+
 /* ---- unshard / reshard ---- */
 
 static int start_gather(fl_fsdp_unit *u) {
     if (u->state != UNIT_SHARDED) return FL_OK;
-    int64_t n1 = u->chunk, nw = u->chunk * u->world;
-    u->gather_in = fl_tensor_zeros(1, &n1, u->param_dtype, FL_CPU);
+    int64_t nw = u->chunk * u->world;
     u->gather_out = fl_tensor_empty(1, &nw, u->param_dtype, FL_CPU);
-    if (!u->gather_in || !u->gather_out) return fl_fail(FL_ENOMEM, "fsdp %s: out of memory for the all-gather", u->name);
-    fl_tensor_set_category(u->gather_in, FL_MEM_PARAM_UNSHARDED);
+    if (!u->gather_out) return fl_fail(FL_ENOMEM, "fsdp %s: out of memory for the all-gather", u->name);
     fl_tensor_set_category(u->gather_out, FL_MEM_PARAM_UNSHARDED);
+    /* In place: this rank's input is its own block of the output (no second buffer). */
+    u->gather_in = fl_narrow(u->gather_out, 0, (int64_t)u->rank * u->chunk, u->chunk);
+    if (!u->gather_in) return FL_ENOMEM;
     char *in = fl_tensor_data(u->gather_in);
+    memset(in, 0, (size_t)u->chunk * esize(u->param_dtype));   /* the padding rows */
     size_t es = esize(u->param_dtype);
     for (int32_t i = 0; i < u->n; i++) {
         fsdp_param *p = &u->p[i];
@@ -369,8 +401,16 @@ fl_tensor *fl_fsdp_post_forward(fl_fsdp_unit *u, fl_tensor *out) {
 
 /* ---- backward: reduce-scatter ---- */
 
+static int finish_reduce(fl_fsdp_unit *u);
+
 static int start_reduce(fl_fsdp_unit *u) {
     if (u->reduced || !u->sync) return FL_OK;
+    /* One reduce-scatter in flight: finishing the previous one first frees its buffers, so backward never
+     * holds more than two units' flat gradient buffers. */
+    if (u->group->reducing && u->group->reducing != u) {
+        int rc = finish_reduce(u->group->reducing);
+        if (rc < 0) return rc;
+    }
     bool any = false;
     for (int32_t i = 0; i < u->n; i++) any |= u->p[i].full->grad != NULL;
     if (!any) return FL_OK;
@@ -400,6 +440,7 @@ static int start_reduce(fl_fsdp_unit *u) {
     u->rs_work = fl_reduce_scatter_async(u->shard_comm, u->rs_out, u->rs_in, FL_REDUCE_AVG);
     if (!u->rs_work) { fl_error_prefix(u->name); return FL_ECOMM; }
     u->reduced = true;
+    u->group->reducing = u;
     return FL_OK;
 }
 
@@ -408,6 +449,9 @@ static int finish_reduce(fl_fsdp_unit *u) {
     if (!u->rs_work) return FL_OK;
     int rc = fl_work_wait(u->rs_work);
     u->rs_work = NULL;
+    if (u->group->reducing == u) u->group->reducing = NULL;
+    fl_tensor_release(u->rs_in);   /* the input is done with as soon as the collective is */
+    u->rs_in = NULL;
     if (rc == FL_OK && u->rep_comm && fl_comm_size(u->rep_comm) > 1) rc = fl_all_reduce(u->rep_comm, u->rs_out, FL_REDUCE_AVG);
     const char *out = fl_tensor_data(u->rs_out);
     size_t es = esize(u->reduce_dtype);

@@ -342,6 +342,9 @@ int fl_fsdp_pre_forward(fl_fsdp_unit *u);      /* reshard finished units, unshar
  * it); marks u to be resharded when forward moves on. Owned. */
 fl_tensor *fl_fsdp_post_forward(fl_fsdp_unit *u, fl_tensor *out);
 int fl_fsdp_unshard(fl_fsdp_unit *u, bool async); /* async: issue the all-gather and return */
+/* Gathers parameter i's f32 shards (the master weights, also under mixed precision) into out: a contiguous
+ * f32 tensor of the full shape. Collective over the shard group; leaves the unit as it is. */
+int fl_fsdp_gather_param(fl_fsdp_unit *u, int32_t i, fl_tensor *out);
 int fl_fsdp_reshard(fl_fsdp_unit *u);
 void fl_fsdp_set_sync(fl_fsdp_unit *u, bool sync);  /* off: keep unsharded grads across micro-steps */
 bool fl_fsdp_is_unsharded(const fl_fsdp_unit *u);

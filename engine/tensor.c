@@ -200,7 +200,8 @@ static int64_t flat_offset(const fl_tensor *t, int64_t i) {
 
 double fl_tensor_get_flat(const fl_tensor *t, int64_t i) {
     if (!fl_tensor_has_data(t) || i < 0 || i >= fl_tensor_numel(t)) return NAN;
-    return fl_load_elem(fl_tensor_data(t), t->dtype, flat_offset(t, i));
+    double v = fl_load_elem(fl_tensor_data(t), t->dtype, flat_offset(t, i));
+    return isnan(v) ? NAN : v;   /* canonical NaN: LuaJIT reads some NaN payloads as other values (nil) */
 }
 
 int fl_tensor_set_flat(fl_tensor *t, int64_t i, double v) {

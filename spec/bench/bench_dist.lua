@@ -57,6 +57,9 @@ do
     i = i + 1
   end
   if opts.all == (opts.mode ~= nil) then error("bench_dist: pass one of --mode M or --all (" .. usage .. ")", 0) end
+  if opts.all and 8 % opts.ranks ~= 0 then
+    error(("bench_dist: the global batch 8 does not split evenly over --ranks %d (use 1, 2, 4 or 8)"):format(opts.ranks), 0)
+  end
 end
 
 local VOCAB, T, B, SEED = 256, 256, 8, 1
@@ -222,12 +225,14 @@ if ROOT == "" then ROOT = "./" end
 -- first {...} line when prefix is nil), or nil and what went wrong (the end of the output).
 local function run_json(label, cmd, prefix)
   local log = os.tmpname()
-  local full = ("cd %s && timeout -k 10 %d %s 2>%s"):format(q(ROOT), opts.timeout, cmd, q(log))
+  -- (LuaJIT's popen close gives no exit status: the shell prints it last)
+  local full = ("cd %s && timeout -k 10 %d %s 2>%s; echo \"BENCH_DIST_RC $?\""):format(q(ROOT), opts.timeout, cmd, q(log))
   io.stderr:write(("bench_dist: running %s ...\n"):format(label))
   local t0 = now()
   local h = io.popen(full)
   local out = h:read("*a")
-  local ok, how, code = h:close()
+  h:close()
+  local code = tonumber(out:match("BENCH_DIST_RC (%d+)%s*$"))
   local f = io.open(log, "r")
   local err = f and f:read("*a") or ""
   if f then f:close() end
@@ -243,9 +248,9 @@ local function run_json(label, cmd, prefix)
     end
   end
   if not line then
-    local status = (how == "exit" and code == 124) and ("timed out after " .. opts.timeout .. " s")
-                   or ("%s %s"):format(tostring(how), tostring(code))
-    local tail = (out .. err):sub(-2000)
+    local status = (code == 124 or code == 137) and ("timed out after " .. opts.timeout .. " s")
+                   or ("exit status %s"):format(tostring(code))
+    local tail = (out:gsub("BENCH_DIST_RC %d+%s*$", "") .. err):sub(-2000)
     return nil, ("%s (%s):\n%s"):format(label, status, tail)
   end
   local okj, res = pcall(cjson.decode, line)
@@ -325,7 +330,7 @@ local function run_all()
     if runs[k] then losses[#losses + 1] = ("%s %.4f"):format(k, runs[k].last_loss_mean) end
   end
   if runs.torch then losses[#losses + 1] = ("torch %.4f"):format(runs.torch.last_loss_mean) end
-  print("last-step loss (mean over ranks): " .. table.concat(losses, ", "))
+  if #losses > 0 then print("last-step loss (mean over ranks): " .. table.concat(losses, ", ")) end
 
   local fs, dd, tt = runs.fsdp, runs.ddp, runs.torch
   if fs and tt then

@@ -251,8 +251,8 @@ end
 
 function M.reset_peak_memory() C.fl_mem_reset_peak() end
 
--- full_state_dict(model, {rank0_only = false}) -> {name = full tensor copy}: gathers each unit in turn (every
--- rank must call it), copies its full weights, reshards. Names are the HF names named_parameters yields.
+-- full_state_dict(model, {rank0_only = false}) -> {name = full f32 tensor}: gathers every parameter's f32 shards
+-- (the master weights, also under mixed precision); every rank must call it. Names are the HF names.
 local FSD_OPTS = {rank0_only = true}
 function M.full_state_dict(model, opts)
   opts = core.check_opts("full_state_dict", opts, FSD_OPTS, 2)
@@ -266,16 +266,12 @@ function M.full_state_dict(model, opts)
   local name_of = {}   -- units made by fully_shard on a submodule know only local names
   for _, e in ipairs(model:full_parameter_list()) do name_of[e[2]] = e[1] end
   for _, u in ipairs(g.units) do
-    local was = C.fl_fsdp_is_unsharded(u.ptr)
-    core.check(C.fl_fsdp_unshard(u.ptr, false), "full_state_dict " .. u.name, 2)
-    if keep then
-      for _, e in ipairs(u.params) do
-        local copy = Tensor.empty(e[2]:shape(), {dtype = "f32"})
-        copy:copy_(e[2])
-        out[name_of[e[2]] or e[1]] = copy
-      end
+    for i, e in ipairs(u.params) do
+      -- the f32 shards themselves (master weights), not the gathered param_dtype copies
+      local full = Tensor.empty(e[2]:shape(), {dtype = "f32"})
+      core.check(C.fl_fsdp_gather_param(u.ptr, i - 1, full._p), "full_state_dict " .. u.name, 2)
+      if keep then out[name_of[e[2]] or e[1]] = full else full:free() end
     end
-    if not was then core.check(C.fl_fsdp_reshard(u.ptr), "full_state_dict " .. u.name, 2) end
   end
   return out
 end
