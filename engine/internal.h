@@ -90,6 +90,17 @@ int fl_mpi_test(void **req, bool *done, int64_t *bytes);
 double fl_rng_uniform_at(uint64_t seed, uint64_t stream, uint64_t i);
 double fl_rng_normal_at(uint64_t seed, uint64_t stream, uint64_t i);
 
+/* ---- low precision (lowp.c): bf16/f16 ops computed by their f32 code ---- */
+/* fn(args, converted inputs, aux) calls the op's own function on f32 (or f64) tensors. */
+typedef fl_tensor *(*fl_lowp_fn)(const void *args, fl_tensor *const *ins, fl_tensor **aux);
+bool fl_lowp_any(int32_t n, const fl_tensor *const *ins);       /* any input bf16/f16 */
+int32_t fl_lowp_promote(int32_t a, int32_t b);                  /* torch.result_type for float dtypes */
+fl_tensor *fl_lowp_to(const fl_tensor *t, int32_t dtype);       /* converted copy, no autograd */
+/* Runs fn on f32 copies of ins[0..n) and returns its result rounded to out_dtype, with a node on the real
+ * inputs whose backward rounds each gradient once to its input's dtype. */
+fl_tensor *fl_lowp_apply(const char *op, fl_lowp_fn fn, const void *args, int32_t n, const fl_tensor *const *ins,
+                         int32_t out_dtype, fl_tensor **aux);
+
 /* ---- parallelism (parallel.c) ---- */
 /* Elementwise loops are split only above this many elements; below it the thread start costs more. */
 enum { FL_PAR_MIN = 32768 };

@@ -5,14 +5,6 @@
 
 #include "../kernels/fl_math.h"
 
-/* Low-precision (bf16/f16) support, defined in ops_shape.c; these declarations belong in internal.h. */
-typedef fl_tensor *(*fl_lowp_fn)(const void *args, fl_tensor *const *ins, fl_tensor **aux);
-bool fl_lowp_any(int32_t n, const fl_tensor *const *ins);
-int32_t fl_lowp_promote(int32_t a, int32_t b);
-fl_tensor *fl_lowp_to(const fl_tensor *t, int32_t dtype);
-fl_tensor *fl_lowp_apply(const char *op, fl_lowp_fn fn, const void *args, int32_t n, const fl_tensor *const *ins,
-                         int32_t out_dtype, fl_tensor **aux);
-
 enum { ACT_GELU_ERF, ACT_GELU_TANH, ACT_SILU };
 
 /* One loop per kind (the kind is not tested inside the loop): the f32 loops then vectorise. */
@@ -157,8 +149,8 @@ static fl_tensor *swiglu_lowp(const fl_tensor *gate, const fl_tensor *up) {
 }
 
 fl_tensor *fl_swiglu(const fl_tensor *gate, const fl_tensor *up) {
-    const fl_tensor *ins[2] = {gate, up};
-    if (gate && up && fl_lowp_any(2, ins)) return swiglu_lowp(gate, up);
+    const fl_tensor *gu[2] = {gate, up};
+    if (gate && up && fl_lowp_any(2, gu)) return swiglu_lowp(gate, up);
     if (fl_check_cpu_data("swiglu", gate) < 0 || fl_check_cpu_data("swiglu", up) < 0 || fl_check_float("swiglu", gate) < 0 ||
         fl_check_same_dtype("swiglu", gate, up) < 0)
         return NULL;

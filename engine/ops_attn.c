@@ -3,7 +3,10 @@
  * block. q/k/v are read in place through their strides (e.g. narrowed out of GPT-2's fused c_attn output).
  * Work is split over (batch, head, query block) in forward and (batch, kv head) in backward; each output
  * element is computed by one task with a fixed order of operations, so the thread count never changes the
- * bits. BLAS runs single-threaded inside the OpenMP region (OpenBLAS's OpenMP build does so by itself). */
+ * bits. BLAS runs single-threaded inside the OpenMP region (OpenBLAS's OpenMP build does so by itself).
+ * bf16/f16: q, k, v are converted to f32, the f32 code runs, the output is rounded once (torch's CPU
+ * attention computes in f32 too; ops_shape.c). The node keeps q/k/v as given (bf16) and the f32 output and
+ * logsumexp, so backward computes exactly what the f32 op would on the same values. */
 #include "internal.h"
 
 #include <math.h>
@@ -183,9 +186,21 @@ static int attention_backward(fl_node *n, fl_tensor *const *go, fl_tensor **gi) 
     return rc;
 }
 
+typedef struct { double scale; int64_t window; } attn_args;
+
+static fl_tensor *attention_f32(const void *p, fl_tensor *const *ins, fl_tensor **aux) {
+    const attn_args *a = p;
+    return fl_attention(ins[0], ins[1], ins[2], a->scale, a->window);
+}
+
 fl_tensor *fl_attention(const fl_tensor *q, const fl_tensor *k, const fl_tensor *v, double scale, int64_t window) {
     const char *op = "attention";
     const fl_tensor *all[3] = {q, k, v};
+    if (q && k && v && fl_lowp_any(3, all)) {
+        if (fl_check_same_dtype(op, q, k) < 0 || fl_check_same_dtype(op, q, v) < 0) return NULL;
+        attn_args args = {scale, window};
+        return fl_lowp_apply(op, attention_f32, &args, 3, all, q->dtype, NULL);
+    }
     for (int i = 0; i < 3; i++) {
         if (fl_check_cpu_data(op, all[i]) < 0 || fl_check_float(op, all[i]) < 0) return NULL;
         if (all[i]->ndim != 4) return fl_fail_null(FL_EINVAL, "attention: %s must be [B, T, heads, hd], got %s", i == 0 ? "q" : i == 1 ? "k" : "v", fl_shape_str(all[i]));

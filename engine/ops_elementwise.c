@@ -5,14 +5,6 @@
 
 #include <math.h>
 
-/* Low-precision (bf16/f16) support, defined in ops_shape.c; these declarations belong in internal.h. */
-typedef fl_tensor *(*fl_lowp_fn)(const void *args, fl_tensor *const *ins, fl_tensor **aux);
-bool fl_lowp_any(int32_t n, const fl_tensor *const *ins);
-int32_t fl_lowp_promote(int32_t a, int32_t b);
-fl_tensor *fl_lowp_to(const fl_tensor *t, int32_t dtype);
-fl_tensor *fl_lowp_apply(const char *op, fl_lowp_fn fn, const void *args, int32_t n, const fl_tensor *const *ins,
-                         int32_t out_dtype, fl_tensor **aux);
-
 typedef enum { BIN_ADD, BIN_SUB, BIN_MUL, BIN_DIV } binop;
 
 /* Computes the broadcast shape of a and b into out_shape; strides of a and b aligned to it (0 = broadcast). */
@@ -142,7 +134,7 @@ static fl_tensor *binary(const char *name, binop op, const fl_tensor *a, const f
 
 typedef struct { const char *name; binop op; double alpha; } binary_args;
 
-static fl_tensor *binary_f32(const void *p, fl_tensor *const *ins, fl_tensor **aux) {
+static fl_tensor *binary_op_f32(const void *p, fl_tensor *const *ins, fl_tensor **aux) {
     const binary_args *a = p;
     return binary(a->name, a->op, ins[0], ins[1], a->alpha);
 }
@@ -152,7 +144,7 @@ static fl_tensor *binary_any(const char *name, binop op, const fl_tensor *a, con
     const fl_tensor *ins[2] = {a, b};
     if (a && b && fl_lowp_any(2, ins)) {
         binary_args args = {name, op, alpha};
-        return fl_lowp_apply(name, binary_f32, &args, 2, ins, fl_lowp_promote(a->dtype, b->dtype), NULL);
+        return fl_lowp_apply(name, binary_op_f32, &args, 2, ins, fl_lowp_promote(a->dtype, b->dtype), NULL);
     }
     return binary(name, op, a, b, alpha);
 }

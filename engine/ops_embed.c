@@ -6,14 +6,6 @@
 
 #include <math.h>
 
-/* Low-precision (bf16/f16) support, defined in ops_shape.c; these declarations belong in internal.h. */
-typedef fl_tensor *(*fl_lowp_fn)(const void *args, fl_tensor *const *ins, fl_tensor **aux);
-bool fl_lowp_any(int32_t n, const fl_tensor *const *ins);
-int32_t fl_lowp_promote(int32_t a, int32_t b);
-fl_tensor *fl_lowp_to(const fl_tensor *t, int32_t dtype);
-fl_tensor *fl_lowp_apply(const char *op, fl_lowp_fn fn, const void *args, int32_t n, const fl_tensor *const *ins,
-                         int32_t out_dtype, fl_tensor **aux);
-
 static int64_t id_at(const void *p, int32_t dt, int64_t i) {
     return dt == FL_I64 ? ((const int64_t *)p)[i] : (int64_t)((const int32_t *)p)[i];
 }
@@ -57,7 +49,7 @@ static int embedding_backward(fl_node *n, fl_tensor *const *go, fl_tensor **gi) 
     }
     fl_tensor_release(g);
     if (lowp) {
-        fl_tensor *r = fl_lowp_to(dw, go[0]->dtype);
+        fl_tensor *r = fl_lowp_to(dw, n->in_dtype[0]);
         fl_tensor_release(dw);
         if (!(dw = r)) return FL_ENOMEM;
     }

@@ -1,6 +1,7 @@
 /* engine/ops_index.c: top-k over the last dim, gather and scatter-add along a dim (MoE routing), with
  * backward, f32/f64 values and i64/i32 indices. Scatters run in parallel only over positions that write
- * disjoint outputs, each adding along `dim` in index order, so results do not depend on the thread count. */
+ * disjoint outputs, each adding along `dim` in index order, so results do not depend on the thread count.
+ * bf16/f16 values run the f32 code and round once (ops_shape.c). */
 #include "internal.h"
 
 #include <math.h>
@@ -91,7 +92,15 @@ static int gather_backward(fl_node *n, fl_tensor *const *go, fl_tensor **gi) {
     return FL_OK;
 }
 
+static fl_tensor *gather_f32(const void *p, fl_tensor *const *ins, fl_tensor **aux) {
+    return fl_gather(ins[0], *(const int32_t *)p, ins[1]);
+}
+
 fl_tensor *fl_gather(const fl_tensor *x, int32_t dim, const fl_tensor *index) {
+    if (x && fl_lowp_any(1, &x)) {
+        const fl_tensor *ins[2] = {x, index};
+        return fl_lowp_apply("gather", gather_f32, &dim, 2, ins, x->dtype, NULL);
+    }
     if (fl_check_cpu_data("gather", x) < 0 || fl_check_cpu_data("gather", index) < 0 || fl_check_float("gather", x) < 0) return NULL;
     int32_t d = fl_wrap_dim(dim, x->ndim);
     if (d < 0) return fl_fail_null(FL_EINVAL, "gather: dim %d out of range for %s", dim, fl_shape_str(x));
@@ -144,8 +153,17 @@ static int scatter_add_backward(fl_node *n, fl_tensor *const *go, fl_tensor **gi
     return rc;
 }
 
+static fl_tensor *scatter_add_f32(const void *p, fl_tensor *const *ins, fl_tensor **aux) {
+    return fl_scatter_add(ins[0], *(const int32_t *)p, ins[1], ins[2]);
+}
+
 fl_tensor *fl_scatter_add(const fl_tensor *base, int32_t dim, const fl_tensor *index, const fl_tensor *src) {
     const char *op = "scatter_add";
+    if (base && src && (fl_lowp_any(1, &base) || fl_lowp_any(1, &src))) {   /* sums in f32, rounded once */
+        if (fl_check_same_dtype(op, base, src) < 0) return NULL;
+        const fl_tensor *bis[3] = {base, index, src};
+        return fl_lowp_apply(op, scatter_add_f32, &dim, 3, bis, base->dtype, NULL);
+    }
     if (fl_check_cpu_data(op, base) < 0 || fl_check_cpu_data(op, index) < 0 || fl_check_cpu_data(op, src) < 0 ||
         fl_check_float(op, base) < 0 || fl_check_same_dtype(op, base, src) < 0)
         return NULL;
@@ -205,7 +223,12 @@ static int topk_backward(fl_node *n, fl_tensor *const *go, fl_tensor **gi) {
     return FL_OK;
 }
 
+static fl_tensor *topk_f32(const void *p, fl_tensor *const *ins, fl_tensor **aux) {
+    return fl_topk(ins[0], *(const int64_t *)p, aux);
+}
+
 fl_tensor *fl_topk(const fl_tensor *x, int64_t k, fl_tensor **indices) {
+    if (x && fl_lowp_any(1, &x)) return fl_lowp_apply("topk", topk_f32, &k, 1, &x, x->dtype, indices);
     if (fl_check_cpu_data("topk", x) < 0 || fl_check_float("topk", x) < 0) return NULL;
     if (x->ndim < 1) return fl_fail_null(FL_EINVAL, "topk: input must have at least 1 dim, got %s", fl_shape_str(x));
     int64_t c = x->shape[x->ndim - 1];

@@ -10,14 +10,6 @@
 
 #include <cblas.h>
 
-/* Low-precision (bf16/f16) support, defined in ops_shape.c; these declarations belong in internal.h. */
-typedef fl_tensor *(*fl_lowp_fn)(const void *args, fl_tensor *const *ins, fl_tensor **aux);
-bool fl_lowp_any(int32_t n, const fl_tensor *const *ins);
-int32_t fl_lowp_promote(int32_t a, int32_t b);
-fl_tensor *fl_lowp_to(const fl_tensor *t, int32_t dtype);
-fl_tensor *fl_lowp_apply(const char *op, fl_lowp_fn fn, const void *args, int32_t n, const fl_tensor *const *ins,
-                         int32_t out_dtype, fl_tensor **aux);
-
 /* One BLAS call: C[m,n] = alpha * op(A) op(B) + beta * C for f32/f64, row-major with leading dims. */
 void fl_gemm_call(int32_t dt, bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha, const void *a, int64_t lda,
                  const void *b, int64_t ldb, double beta, void *c, int64_t ldc) {
@@ -218,11 +210,11 @@ static fl_tensor *linear_f32(const void *p, fl_tensor *const *ins, fl_tensor **a
 }
 
 fl_tensor *fl_linear(const fl_tensor *x, const fl_tensor *w, const fl_tensor *b, bool w_in_out) {
-    const fl_tensor *ins[3] = {x, w, b};
-    if (x && w && fl_lowp_any(3, ins)) {   /* bias added in f32 before the one rounding, as torch's addmm */
+    const fl_tensor *xwb[3] = {x, w, b};
+    if (x && w && fl_lowp_any(3, xwb)) {   /* bias added in f32 before the one rounding, as torch's addmm */
         int32_t dt = fl_lowp_promote(x->dtype, w->dtype);
         if (b) dt = fl_lowp_promote(dt, b->dtype);
-        return fl_lowp_apply("linear", linear_f32, &w_in_out, b ? 3 : 2, ins, dt, NULL);
+        return fl_lowp_apply("linear", linear_f32, &w_in_out, b ? 3 : 2, xwb, dt, NULL);
     }
     if (fl_check_float("linear", x) < 0 || fl_check_float("linear", w) < 0 || fl_check_same_dtype("linear", x, w) < 0) return NULL;
     if (b && (fl_check_float("linear", b) < 0 || fl_check_same_dtype("linear", x, b) < 0)) return NULL;

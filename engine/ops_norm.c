@@ -8,14 +8,6 @@
 
 #include "../kernels/fl_math.h"
 
-/* Low-precision (bf16/f16) support, defined in ops_shape.c; these declarations belong in internal.h. */
-typedef fl_tensor *(*fl_lowp_fn)(const void *args, fl_tensor *const *ins, fl_tensor **aux);
-bool fl_lowp_any(int32_t n, const fl_tensor *const *ins);
-int32_t fl_lowp_promote(int32_t a, int32_t b);
-fl_tensor *fl_lowp_to(const fl_tensor *t, int32_t dtype);
-fl_tensor *fl_lowp_apply(const char *op, fl_lowp_fn fn, const void *args, int32_t n, const fl_tensor *const *ins,
-                         int32_t out_dtype, fl_tensor **aux);
-
 enum { NORM_ROW_BLOCK = 64 };  /* rows per partial sum of dw/db: fixed, never from the thread count */
 
 /* Sums partial[nb][C] (f64) over blocks in order into out (dtype dt). */
@@ -102,9 +94,9 @@ static fl_tensor *layer_norm_f32(const void *p, fl_tensor *const *ins, fl_tensor
 }
 
 fl_tensor *fl_layer_norm(const fl_tensor *x, const fl_tensor *w, const fl_tensor *b, double eps) {
-    const fl_tensor *ins[3] = {x, w, b};
-    if (x && fl_lowp_any(3, ins))   /* the output keeps x's dtype (torch's mixed bf16 input / f32 parameters) */
-        return fl_lowp_apply("layer_norm", layer_norm_f32, &eps, 3, ins, x->dtype, NULL);
+    const fl_tensor *xwb[3] = {x, w, b};
+    if (x && fl_lowp_any(3, xwb))   /* the output keeps x's dtype (torch's mixed bf16 input / f32 parameters) */
+        return fl_lowp_apply("layer_norm", layer_norm_f32, &eps, 3, xwb, x->dtype, NULL);
     if (fl_check_cpu_data("layer_norm", x) < 0 || fl_check_float("layer_norm", x) < 0) return NULL;
     if (x->ndim < 1) return fl_fail_null(FL_EINVAL, "layer_norm: input must have at least 1 dim, got %s", fl_shape_str(x));
     int64_t c = x->shape[x->ndim - 1];
@@ -229,8 +221,8 @@ static fl_tensor *rms_norm_lowp(const fl_tensor *x, const fl_tensor *w, double e
 }
 
 fl_tensor *fl_rms_norm(const fl_tensor *x, const fl_tensor *w, double eps) {
-    const fl_tensor *ins[2] = {x, w};
-    if (x && fl_lowp_any(2, ins)) return rms_norm_lowp(x, w, eps);
+    const fl_tensor *xw[2] = {x, w};
+    if (x && fl_lowp_any(2, xw)) return rms_norm_lowp(x, w, eps);
     if (fl_check_cpu_data("rms_norm", x) < 0 || fl_check_float("rms_norm", x) < 0) return NULL;
     if (x->ndim < 1) return fl_fail_null(FL_EINVAL, "rms_norm: input must have at least 1 dim, got %s", fl_shape_str(x));
     int64_t c = x->shape[x->ndim - 1];

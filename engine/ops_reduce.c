@@ -4,14 +4,6 @@
 
 #include <math.h>
 
-/* Low-precision (bf16/f16) support, defined in ops_shape.c; these declarations belong in internal.h. */
-typedef fl_tensor *(*fl_lowp_fn)(const void *args, fl_tensor *const *ins, fl_tensor **aux);
-bool fl_lowp_any(int32_t n, const fl_tensor *const *ins);
-int32_t fl_lowp_promote(int32_t a, int32_t b);
-fl_tensor *fl_lowp_to(const fl_tensor *t, int32_t dtype);
-fl_tensor *fl_lowp_apply(const char *op, fl_lowp_fn fn, const void *args, int32_t n, const fl_tensor *const *ins,
-                         int32_t out_dtype, fl_tensor **aux);
-
 /* Sum of n contiguous values: blocks of FL_SUM_BLOCK summed in f64, blocks combined in order. */
 static double sum_contig(const void *p, int32_t dt, int64_t n) {
     int64_t nb = (n + FL_SUM_BLOCK - 1) / FL_SUM_BLOCK;

@@ -9,14 +9,6 @@
 
 #include "../kernels/fl_math.h"
 
-/* Low-precision (bf16/f16) support, defined in ops_shape.c; these declarations belong in internal.h. */
-typedef fl_tensor *(*fl_lowp_fn)(const void *args, fl_tensor *const *ins, fl_tensor **aux);
-bool fl_lowp_any(int32_t n, const fl_tensor *const *ins);
-int32_t fl_lowp_promote(int32_t a, int32_t b);
-fl_tensor *fl_lowp_to(const fl_tensor *t, int32_t dtype);
-fl_tensor *fl_lowp_apply(const char *op, fl_lowp_fn fn, const void *args, int32_t n, const fl_tensor *const *ins,
-                         int32_t out_dtype, fl_tensor **aux);
-
 enum { EXP_CHUNK = 1024 };  /* f32 exps go through a stack buffer in chunks so that the exp loop vectorises */
 
 static double ld(const void *p, int32_t dt, int64_t i) { return dt == FL_F32 ? (double)((const float *)p)[i] : ((const double *)p)[i]; }
