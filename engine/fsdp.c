@@ -138,9 +138,8 @@ fl_fsdp_unit *fl_fsdp_unit_new(fl_fsdp_group *g, const char *name, fl_comm *shar
                                fl_tensor *const *full, int32_t param_dtype, int32_t reduce_dtype,
                                bool reshard_after_forward) {
     if (!g || !shard) return fl_fail_null(FL_EINVAL, "fully_shard %s: needs a group and a shard process group", name);
-    if (param_dtype != FL_F32 && param_dtype != FL_F64)
-        return fl_fail_null(FL_EUNSUPPORTED, "fully_shard %s: param_dtype %s: the CPU ops compute in f32/f64 only "
-                            "(mixed precision gathers need bf16 ops)", name, fl_dtype_name(param_dtype));
+    bool float_dt = param_dtype == FL_F32 || param_dtype == FL_F64 || param_dtype == FL_BF16 || param_dtype == FL_F16;
+    if (!float_dt) return fl_fail_null(FL_EINVAL, "fully_shard %s: param_dtype %s (f32, f64, bf16 or f16)", name, fl_dtype_name(param_dtype));
     if (reduce_dtype != FL_F32 && reduce_dtype != FL_F64 && reduce_dtype != FL_BF16)
         return fl_fail_null(FL_EINVAL, "fully_shard %s: reduce_dtype %s (f32, f64 or bf16)", name, fl_dtype_name(reduce_dtype));
     for (int32_t i = 0; i < n; i++) {
@@ -148,9 +147,9 @@ fl_fsdp_unit *fl_fsdp_unit_new(fl_fsdp_group *g, const char *name, fl_comm *shar
         if (t->grad_fn || !t->requires_grad)
             return fl_fail_null(FL_EINVAL, "fully_shard %s: parameter %d %s is not a leaf that requires grad", name, i, fl_shape_str(t));
         if (t->hook) return fl_fail_null(FL_EINVAL, "fully_shard %s: parameter %d %s already belongs to a unit", name, i, fl_shape_str(t));
-        if (t->dtype != param_dtype)
-            return fl_fail_null(FL_EINVAL, "fully_shard %s: parameter %d is %s, param_dtype is %s", name, i,
-                                fl_dtype_name(t->dtype), fl_dtype_name(param_dtype));
+        if (t->dtype != FL_F32 && t->dtype != FL_F64 && t->dtype != FL_BF16 && t->dtype != FL_F16)
+            return fl_fail_null(FL_EINVAL, "fully_shard %s: parameter %d %s is %s, not floating point", name, i,
+                                fl_shape_str(t), fl_dtype_name(t->dtype));
         if (t->device != FL_META && !fl_tensor_is_contiguous(t))
             return fl_fail_null(FL_EINVAL, "fully_shard %s: parameter %d %s is not contiguous", name, i, fl_shape_str(t));
         for (int32_t j = 0; j < i; j++)
@@ -223,12 +222,15 @@ fl_fsdp_unit *fl_fsdp_unit_new(fl_fsdp_group *g, const char *name, fl_comm *shar
         unit_free(u);
         return NULL;
     }
-    /* Now own the full tensors: sharded state frees their bytes; they come back on unshard. */
+    /* Now own the full tensors: sharded state frees their bytes; they come back on unshard, in param_dtype
+     * (mixed precision: the module computes with bf16 copies of the f32 shards). */
     for (int32_t i = 0; i < n; i++) {
         fsdp_param *p = &ps[i];
         p->full->hook = &p->hook;
         if (p->full->storage) {
             fl_storage_free_data(p->full->storage);
+            p->full->dtype = param_dtype;
+            p->full->storage->nbytes = (size_t)fl_tensor_numel(p->full) * esize(param_dtype);
             p->full->storage->device = FL_CPU;
             p->full->device = FL_CPU;
             fl_storage_set_category(p->full->storage, FL_MEM_PARAM_UNSHARDED);

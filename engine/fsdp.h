@@ -330,8 +330,9 @@ void fl_fsdp_group_release(fl_fsdp_group *g); /* releases its units too */
 int fl_fsdp_group_merge(fl_fsdp_group *dst, fl_fsdp_group *src);
 /* `full` are the module's parameters (leaves, cpu with data or meta). The unit makes the local shards (f32
  * leaves that require grad: what the optimizer steps), copying their rows from `full` when it has data, then
- * frees the full storages. replicate may be NULL (no HSDP). param_dtype is the dtype of the gathered weights,
- * reduce_dtype that of the reduce-scatter. Collective over the shard group (checks sizes agree). */
+ * frees the full storages. replicate may be NULL (no HSDP). param_dtype is the dtype of the gathered weights
+ * (the full tensors take it: mixed precision computes in bf16 while the shards stay f32), reduce_dtype that of
+ * the reduce-scatter. Collective over the shard group (checks sizes agree). */
 fl_fsdp_unit *fl_fsdp_unit_new(fl_fsdp_group *g, const char *name, fl_comm *shard, fl_comm *replicate, int32_t n,
                                fl_tensor *const *full, int32_t param_dtype, int32_t reduce_dtype,
                                bool reshard_after_forward);

@@ -71,6 +71,13 @@ for _, model in ipairs {"gpt2", "llama", "llama_tied"} do
           compare(f, single, TOL_SINGLE, mode .. " vs 1 rank")
         end)
       end
+      it(("mixed precision (bf16 params, f32 reduce) at %d ranks matches mixed-precision DDP"):format(n), function()
+        -- both compute with bf16 copies of the same f32 masters and average the same bf16 gradients in f32
+        compare(run(n, model, "mp"), run(n, model, "ddp_mp"), TOL_DDP, "mp vs ddp mp")
+        -- and it really computed in bf16: the f32 run's losses differ at bf16 rounding level (~1e-3)
+        local a, b = run(n, model, "mp").report.losses, run(n, model, "auto").report.losses
+        assert.is_true(math.abs(a[3] - b[3]) > 1e-5, ("bf16 loss %.9g equals the f32 loss %.9g"):format(a[3], b[3]))
+      end)
       it(("2 accumulation micro-steps without sync at %d ranks match DDP's"):format(n), function()
         compare(run(n, model, "accum"), run(n, model, "ddp_accum"), TOL_DDP, "accum vs ddp accum")
         compare(run(n, model, "accum"), run(1, model, "single"), TOL_SINGLE, "accum vs 1 rank")

@@ -13,6 +13,9 @@
 --        ckpt     auto with activation checkpointing of every block
 --        fully_shard  fsdp.fully_shard on every block, then on the model, then model:materialize
 --        hsdp     auto on a {dp_replicate = 2, dp_shard = world / 2} mesh
+--        mp       auto with mixed_precision = {param_dtype = "bf16", reduce_dtype = "f32"}
+--        ddp_mp   the same mixed precision by hand around DDP-style averaging: f32 master weights, bf16 copies
+--                 in the model, bf16 gradients cast to f32 and all-reduced (average) before clipping and AdamW
 local fsdp = require "fsdp"
 local dist = require "fsdp.dist"
 local F    = require "fsdp.fsdp"
@@ -36,13 +39,13 @@ local KINDS = {gpt2 = {"gpt2", true}, llama = {"llama", false}, llama_tied = {"l
 local kind = assert(KINDS[opt.model], "model must be gpt2, llama or llama_tied")
 local mt = kind[1]
 local cfg = fsdp.models.tiny_config(mt, {tie_word_embeddings = kind[2]})
-local sharded = opt.mode ~= "single" and opt.mode ~= "ddp" and opt.mode ~= "ddp_accum"
+local sharded = opt.mode ~= "single" and opt.mode ~= "ddp" and opt.mode ~= "ddp_accum" and opt.mode ~= "ddp_mp"
 -- FSDP builds on meta: each rank initialises only its rows, which must equal the full initialisation.
 local model = fsdp.models.build(cfg, {device = sharded and "meta" or "cpu", seed = 7})
 
 local block_pattern = mt == "gpt2" and "transformer.h.*" or "model.layers.*"
 local plans = {
-  auto = "auto", accum = "auto", ckpt = "auto", hsdp = "auto", declared = "declared",
+  auto = "auto", accum = "auto", ckpt = "auto", hsdp = "auto", mp = "auto", declared = "declared",
   -- nested units: each block's MLP is a unit of its own inside the block's unit
   manual = {mode = "manual", modules = {[block_pattern] = "free_full_weight", [block_pattern .. ".mlp"] = "free_full_weight"}},
   ["function"] = {modules = function(name, m) if m.is_block then return {"free_full_weight"} end end},
@@ -61,12 +64,32 @@ elseif opt.mode == "fully_shard" then
 elseif sharded then
   local mesh
   if opt.mode == "hsdp" then mesh = dist.mesh{{"dp_replicate", 2}, {"dp_shard", math.floor(world / 2)}} end
-  F.apply_plan(model, plans[opt.mode], {seed = 7, mesh = mesh})
+  local mp = opt.mode == "mp" and {param_dtype = "bf16", reduce_dtype = "f32"} or nil
+  F.apply_plan(model, plans[opt.mode], {seed = 7, mesh = mesh, mixed_precision = mp})
+end
+
+-- ddp_mp: the module computes with bf16 copies; the optimizer steps the f32 masters.
+local masters, lows
+if opt.mode == "ddp_mp" then
+  masters, lows = {}, {}
+  local low_of = {}
+  for _, e in ipairs(model:full_parameter_list()) do
+    local low = fsdp.no_grad(function() return e[2]:to("bf16") end)
+    low.requires_grad = true
+    low_of[e[2]] = low
+    masters[#masters + 1], lows[#lows + 1] = e[2], low
+  end
+  for _, m in model:named_modules() do   -- every module holding a master (tied weights: both) gets the copy
+    for _, pn in ipairs(m._param_names) do
+      local low = low_of[m._params[pn]]
+      if low then m:set_parameter(pn, low) end
+    end
+  end
 end
 
 -- AdamW eps 1e-6: with 1e-8 an element whose gradient is ~1e-9 moves by ~lr whatever its sign noise, so
 -- f32 rounding differences between code paths would dominate the comparison (see spec/workers/ddp_train.lua).
-local params = model:parameters()
+local params = masters or model:parameters()
 local optim = fsdp.optim.AdamW(params, {lr = 1e-2, weight_decay = 0.1, eps = 1e-6})
 local reduce = F.norm_reduce(params)
 
@@ -102,15 +125,33 @@ for step = 1, STEPS do
     out.loss:backward()
     loss_sum = out.loss:item()
   end
+  if masters then
+    for i, low in ipairs(lows) do
+      local g = low.grad:to("f32")
+      dist.all_reduce(g, {op = "avg"})
+      masters[i].grad = g
+      low.grad = nil
+    end
+  end
   local norm = fsdp.optim.clip_grad_norm(params, 1.0, {reduce = reduce})
   optim:step()
   optim:zero_grad()
+  if masters then
+    fsdp.no_grad(function() for i, low in ipairs(lows) do low:copy_(masters[i]) end end)
+  end
   local lt = fsdp.tensor({loss_sum}, {dtype = "f64"})
   dist.all_reduce(lt, {op = "avg"})
   report.losses[step] = lt:get(0)
   report.norms[step] = norm
 end
 
-local weights = F.full_state_dict(model)
+local weights
+if masters then
+  -- the masters under their HF names (the modules now hold the bf16 copies, in the same order)
+  weights = {}
+  for i, e in ipairs(model:full_parameter_list()) do weights[e[1]] = masters[i] end
+else
+  weights = F.full_state_dict(model)
+end
 if rank == 0 then fsdp.safetensors.save(out_dir .. "/weights.safetensors", weights) end
 D.write(out_dir, rank, report)

@@ -122,14 +122,16 @@ local function modules_by_name(model)
   return t
 end
 
-local APPLY_OPTS = {mesh = true, seed = true}
+local APPLY_OPTS = {mesh = true, seed = true, mixed_precision = true, cpu_offload = true, reshard_after_forward = true}
 
--- apply_plan(model, plan, {mesh=, seed=}): plan is "auto", "declared", {mode="manual", modules={...}}, a
--- function plan, ... (see fsdp.plan). Units are made bottom-up, the root last; returns the model.
+-- apply_plan(model, plan, {mesh=, seed=, mixed_precision=, cpu_offload=, reshard_after_forward=}): plan is
+-- "auto", "declared", {mode="manual", modules={...}}, a function plan, ... (see fsdp.plan); the last three
+-- options apply to every unit the plan does not configure itself. Units are made bottom-up, the root last.
 function M.apply_plan(model, plan, opts)
   opts = core.check_opts("apply_plan", opts, APPLY_OPTS, 2)
   if rawget(model, "_fsdp_group") then error("apply_plan: the model is already sharded", 2) end
-  local units = require("fsdp.plan").resolve(model, plan)
+  local units = require("fsdp.plan").resolve(model, plan, {mixed_precision = opts.mixed_precision,
+    cpu_offload = opts.cpu_offload, reshard_after_forward = opts.reshard_after_forward})
   local params, mods = param_entries(model), modules_by_name(model)
   local group = new_group()
   group.mesh = opts.mesh   -- its process groups must live as long as the units that use them
