@@ -83,7 +83,7 @@ double fl_sum_squares(const fl_tensor *t) {
     for (int64_t b = 0; b < nb; b++) s += part[b];
     if (part != stack_part) free(part);
     fl_tensor_release(c);
-    return s;
+    return isnan(s) ? NAN : s;   /* canonical NaN: LuaJIT reads some NaN payloads as other values (nil) */
 }
 
 /* Sums dim `d` of a contiguous tensor viewed as [outer, n, inner] into [outer, inner]. Each output sums its

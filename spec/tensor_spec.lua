@@ -59,6 +59,14 @@ describe("tensors", function()
     assert.equal(before + 4 * 1024 * 1024, fsdp.C.fl_mem_total_current())
   end)
 
+  it("returns NaN as a number whatever its bit pattern (LuaJIT reads some NaN payloads as nil)", function()
+    local t = fsdp.empty({4})
+    require("ffi").fill(t:data_ptr(), 16, 0xff)   -- 0xffffffff: a NaN with a full payload
+    local a, b = t:get(0), fsdp.F.sum_squares(t)
+    assert.equal("number", type(a)); assert.is_true(a ~= a)
+    assert.equal("number", type(b)); assert.is_true(b ~= b)
+  end)
+
   it("prints shape, dtype, device and abbreviated values", function()
     local s = tostring(fsdp.arange(10, {dtype = "i64"}))
     assert.equal("tensor([10], i64, cpu)\n[0, 1, 2, ..., 7, 8, 9]", s)
