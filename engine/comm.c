@@ -67,7 +67,8 @@ static pthread_cond_t q_cond, done_cond;   /* work queued / work completed; CLOC
 static fl_work *q_head = NULL, *q_tail = NULL;
 static bool q_stop = false;
 static int64_t inflight = 0;               /* queued or posted, not yet complete (under mu) */
-static double comm_time = 0;               /* under mu */
+static double comm_time = 0;               /* under mu: the calling threads' time in collectives */
+static double busy_time = 0;               /* under mu: the communication thread's time executing them */
 static volatile bool skip_comm = false;
 
 static double now_s(void) {
@@ -432,9 +433,12 @@ static void *comm_main(void *arg) {
             q_head = w->next;
             if (!q_head) q_tail = NULL;
             pthread_mutex_unlock(&mu);
+            double t0 = now_s();
             execute(w, &pl);
             if (pl.n) progress_p2p(&pl);
+            double dt = now_s() - t0;
             pthread_mutex_lock(&mu);
+            busy_time += dt;
             continue;
         }
         if (pl.n) {
@@ -905,9 +909,17 @@ double fl_comm_time_total(void) {
     return t;
 }
 
+double fl_comm_busy_time(void) {
+    pthread_mutex_lock(&mu);
+    double t = busy_time;
+    pthread_mutex_unlock(&mu);
+    return t;
+}
+
 void fl_comm_time_reset(void) {
     pthread_mutex_lock(&mu);
     comm_time = 0;
+    busy_time = 0;
     pthread_mutex_unlock(&mu);
 }
 

@@ -312,6 +312,9 @@ int fl_send(fl_comm *c, const fl_tensor *t, int32_t dst, int32_t tag);
 int fl_recv(fl_comm *c, fl_tensor *t, int32_t src, int32_t tag);
 /* Time spent inside collectives (waiting included) since the last reset, for the bench's exposed-comm figure. */
 double fl_comm_time_total(void);
+/* Time the communication thread spent executing collectives (the total communication time; with prefetch
+ * most of it overlaps compute). Reset with fl_comm_time_reset. */
+double fl_comm_busy_time(void);
 void fl_comm_time_reset(void);
 /* When set, collectives return immediately without communicating (the bench's "communication skipped" run). */
 void fl_comm_set_skip(bool skip);

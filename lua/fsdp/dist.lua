@@ -90,6 +90,8 @@ function M.abort(msg, code) C.fl_dist_abort(code or 1, msg and tostring(msg) or 
 -- Collective time (seconds spent issuing and waiting, since the last reset) and the bench's switch that makes
 -- every collective return at once without communicating.
 function M.comm_time() return C.fl_comm_time_total() end
+-- Seconds the communication thread spent executing collectives: the total communication time.
+function M.comm_busy_time() return C.fl_comm_busy_time() end
 function M.reset_comm_time() C.fl_comm_time_reset() end
 function M.set_skip_comm(on) C.fl_comm_set_skip(on and true or false) end
 
