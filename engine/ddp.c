@@ -50,7 +50,9 @@ static fl_tensor *slice_of(const fl_ddp *d, const bucket *b, int32_t i) {
 static int ensure_buf(bucket *b) {
     if (b->buf) return FL_OK;
     b->buf = fl_tensor_empty(1, &b->numel, b->dtype, FL_CPU);
-    return b->buf ? FL_OK : fl_fail(FL_ENOMEM, "ddp: out of memory for a bucket of %" PRId64 " elements", b->numel);
+    if (!b->buf) return fl_fail(FL_ENOMEM, "ddp: out of memory for a bucket of %" PRId64 " elements", b->numel);
+    fl_tensor_set_category(b->buf, FL_MEM_GRAD);   /* gradient memory, kept between steps as torch's buckets */
+    return FL_OK;
 }
 
 /* Waits every issued handle (they must all complete before the buffers are touched), keeping the first error. */
