@@ -773,20 +773,26 @@ fl_work *fl_reduce_scatter_async(fl_comm *c, fl_tensor *out, const fl_tensor *in
     return w;
 }
 
-fl_work *fl_all_reduce_async(fl_comm *c, fl_tensor *t, int32_t rop) {
-    const char *op = "all_reduce";
-    if (check_comm(op, c) < 0 || check_tensor(op, t, "") < 0 || check_reduce(op, t->dtype, rop) < 0) return NULL;
+/* Queues a collective that works in place on t (all_reduce, broadcast). */
+static fl_work *issue_in_place(op_kind kind, fl_comm *c, fl_tensor *t, int32_t rop, int32_t peer) {
     double t0 = now_s();
-    fl_work *w = work_new(OP_ALL_REDUCE, c);
+    fl_work *w = work_new(kind, c);
     if (!w) return NULL;
     fl_tensor_retain(t);
     w->out = t;
     w->dtype = t->dtype;
     w->numel = fl_tensor_numel(t);
     w->op = rop;
+    w->peer = peer;
     w = issue(w);
     add_time(t0);
     return w;
+}
+
+fl_work *fl_all_reduce_async(fl_comm *c, fl_tensor *t, int32_t rop) {
+    const char *op = "all_reduce";
+    if (check_comm(op, c) < 0 || check_tensor(op, t, "") < 0 || check_reduce(op, t->dtype, rop) < 0) return NULL;
+    return issue_in_place(OP_ALL_REDUCE, c, t, rop, 0);
 }
 
 fl_work *fl_broadcast_async(fl_comm *c, fl_tensor *t, int32_t root) {
@@ -794,17 +800,7 @@ fl_work *fl_broadcast_async(fl_comm *c, fl_tensor *t, int32_t root) {
     if (check_comm(op, c) < 0 || check_tensor(op, t, "") < 0) return NULL;
     if (root < 0 || root >= c->size)
         return fl_fail_null(FL_EINVAL, "broadcast: root %d is not a rank of group '%s' (size %d)", root, c->name, c->size);
-    double t0 = now_s();
-    fl_work *w = work_new(OP_BROADCAST, c);
-    if (!w) return NULL;
-    fl_tensor_retain(t);
-    w->out = t;
-    w->dtype = t->dtype;
-    w->numel = fl_tensor_numel(t);
-    w->peer = root;
-    w = issue(w);
-    add_time(t0);
-    return w;
+    return issue_in_place(OP_BROADCAST, c, t, 0, root);
 }
 
 fl_work *fl_barrier_async(fl_comm *c) {
