@@ -196,6 +196,7 @@ fl_tensor *fl_tanh(const fl_tensor *a);
 fl_tensor *fl_sigmoid(const fl_tensor *a);
 fl_tensor *fl_relu(const fl_tensor *a);
 int fl_add_(fl_tensor *a, const fl_tensor *b, double alpha);         /* in place, no autograd: a += alpha*b */
+int fl_scale_(fl_tensor *a, double s);       /* in place, no autograd: a *= s (s rounded to a's dtype, as fl_scale) */
 
 /* ---- reductions (ops_reduce.c): fixed blocking, same bits for any thread count ---- */
 fl_tensor *fl_sum(const fl_tensor *t);                          /* all elements -> [] */
@@ -204,7 +205,8 @@ fl_tensor *fl_sum_dim(const fl_tensor *t, int32_t dim, bool keepdim);
 fl_tensor *fl_mean_dim(const fl_tensor *t, int32_t dim, bool keepdim);
 fl_tensor *fl_max_dim(const fl_tensor *t, int32_t dim, bool keepdim, fl_tensor **indices); /* indices optional (i64) */
 fl_tensor *fl_sum_to_shape(const fl_tensor *t, int32_t ndim, const int64_t *shape); /* reverse of broadcasting */
-double fl_sum_squares(const fl_tensor *t);                      /* f64 accumulate, no autograd */
+double fl_sum_squares(const fl_tensor *t);   /* exact, rounded once to f64 (exact_sum.c); NaN on error */
+
 
 /* ---- matmul (ops_matmul.c, OpenBLAS) ---- */
 fl_tensor *fl_matmul(const fl_tensor *a, const fl_tensor *b);   /* [..., m, k] x [..., k, n] with batch broadcast; 1-D promoted */
@@ -245,9 +247,13 @@ fl_tensor *fl_gather(const fl_tensor *x, int32_t dim, const fl_tensor *index);
 fl_tensor *fl_scatter_add(const fl_tensor *base, int32_t dim, const fl_tensor *index, const fl_tensor *src);
 
 /* ---- optimizers (optim.c): fused loops over one parameter, the same f32 operation order as torch ---- */
-/* AdamW step on p (f32) with grad g and states m, v (f32, same numel). step is the 1-based step count. */
+/* AdamW step on p (f32) with grad g and states m, v (f32, same numel). step is the 1-based step count.
+ * p may be a shard: its elements are elements [full_offset, full_offset + numel) of a whole parameter of
+ * full_numel elements (0: p is the whole parameter). torch's rounding of an element depends on its position
+ * in the whole tensor, so a shard then steps exactly as the unsharded parameter would. */
 int fl_adamw_step(fl_tensor *p, const fl_tensor *g, fl_tensor *m, fl_tensor *v, int64_t step, double lr,
-                  double beta1, double beta2, double eps, double weight_decay);
+                  double beta1, double beta2, double eps, double weight_decay, int64_t full_offset,
+                  int64_t full_numel);
 /* SGD with momentum (buf may be NULL when momentum == 0); first step copies g into buf, as torch. */
 int fl_sgd_step(fl_tensor *p, const fl_tensor *g, fl_tensor *buf, int64_t step, double lr, double momentum,
                 double dampening, double weight_decay, bool nesterov);
@@ -318,6 +324,18 @@ double fl_comm_busy_time(void);
 void fl_comm_time_reset(void);
 /* When set, collectives return immediately without communicating (the bench's "communication skipped" run). */
 void fl_comm_set_skip(bool skip);
+
+/* ---- exact sums of squares (exact_sum.c) ----
+ * An accumulator is a contiguous i64 tensor of FL_EXACT_SUM_SIZE elements, zero-initialised: a fixed-point
+ * integer wide enough for the square of any f64 (FL_EXACT_SUM_LIMBS limbs) plus a flag word (NaN/Inf seen).
+ * Adds are exact and associative, so the rounded value does not depend on how the terms were split or
+ * ordered, across tensors, threads or ranks: the gradient norm is the same bits for any sharding. */
+enum { FL_EXACT_SUM_LIMBS = 67, FL_EXACT_SUM_SIZE = 68 };
+int fl_exact_sum_add_squares(fl_tensor *acc, const fl_tensor *t);  /* acc += sum of t^2 (f32/f64/bf16/f16) */
+int fl_exact_sum_merge(fl_tensor *acc, const fl_tensor *other);    /* acc += other */
+double fl_exact_sum_value(const fl_tensor *acc);                   /* rounded to nearest, NaN/Inf when seen */
+/* acc becomes the sum of every rank's acc (the same bits on all ranks). Collective over c. */
+int fl_exact_sum_all_reduce(fl_comm *c, fl_tensor *acc);
 
 /* ---- FSDP units (fsdp.c) ----
  * A unit is what one fully_shard call makes: parameters sharded on dim 0 over a shard group (ceil(d0/N) rows

@@ -334,6 +334,21 @@ static fl_tensor *unary_any(const char *name, unop op, const fl_tensor *a, doubl
 }
 
 fl_tensor *fl_scale(const fl_tensor *a, double s) { return unary_any("scale", UN_SCALE, a, s); }
+
+int fl_scale_(fl_tensor *a, double s) {
+    /* bf16/f16 (the f32 op, rounded once) and strided views: through a scaled copy */
+    if (a && (fl_lowp_any(1, (const fl_tensor *const *)&a) || !fl_tensor_is_contiguous(a))) {
+        fl_tensor *r = fl_scale(a, s);
+        int rc = r ? fl_tensor_copy_(a, r) : FL_EINVAL;
+        fl_tensor_release(r);
+        return rc;
+    }
+    if (fl_check_float("scale_", a) < 0) return FL_EINVAL;
+    void *d = fl_tensor_data(a);
+    if (a->dtype == FL_F32) unary_float(UN_SCALE, s, d, d, fl_tensor_numel(a));
+    else unary_double(UN_SCALE, s, d, d, fl_tensor_numel(a));
+    return FL_OK;
+}
 fl_tensor *fl_add_scalar(const fl_tensor *a, double s) { return unary_any("add_scalar", UN_ADDS, a, s); }
 fl_tensor *fl_pow_scalar(const fl_tensor *a, double p) { return unary_any("pow", UN_POW, a, p); }
 fl_tensor *fl_neg(const fl_tensor *a) { return unary_any("neg", UN_NEG, a, 0); }

@@ -63,29 +63,6 @@ static fl_tensor *sum_all_any(const char *name, const fl_tensor *t, bool mean) {
 fl_tensor *fl_sum(const fl_tensor *t) { return sum_all_any("sum", t, false); }
 fl_tensor *fl_mean(const fl_tensor *t) { return sum_all_any("mean", t, true); }
 
-double fl_sum_squares(const fl_tensor *t) {
-    bool lowp = t && fl_lowp_any(1, &t);
-    if (lowp ? fl_check_cpu_data("sum_squares", t) < 0 : fl_check_float("sum_squares", t) < 0) return NAN;
-    fl_tensor *c = fl_contiguous(t);
-    int64_t n = fl_tensor_numel(t), nb = (n + FL_SUM_BLOCK - 1) / FL_SUM_BLOCK;
-    const void *p = fl_tensor_data(c);
-    double stack_part[64], *part = nb <= 64 ? stack_part : malloc(sizeof(double) * (size_t)nb);
-    #pragma omp parallel for schedule(static) if (n > FL_PAR_MIN)
-    for (int64_t b = 0; b < nb; b++) {
-        int64_t lo = b * FL_SUM_BLOCK, hi = fl_min64(n, lo + FL_SUM_BLOCK);
-        double s = 0;
-        if (t->dtype == FL_F32) for (int64_t i = lo; i < hi; i++) { double x = ((const float *)p)[i]; s += x * x; }
-        else if (lowp) for (int64_t i = lo; i < hi; i++) { double x = fl_load_elem(p, t->dtype, i); s += x * x; }
-        else for (int64_t i = lo; i < hi; i++) { double x = ((const double *)p)[i]; s += x * x; }
-        part[b] = s;
-    }
-    double s = 0;
-    for (int64_t b = 0; b < nb; b++) s += part[b];
-    if (part != stack_part) free(part);
-    fl_tensor_release(c);
-    return isnan(s) ? NAN : s;   /* canonical NaN: LuaJIT reads some NaN payloads as other values (nil) */
-}
-
 /* Sums dim `d` of a contiguous tensor viewed as [outer, n, inner] into [outer, inner]. Each output sums its
  * n inputs in order; columns are processed in chunks so the inner loop runs along memory. */
 enum { COL_CHUNK = 256 };

@@ -65,11 +65,12 @@ typedef struct {
 #define ADAM_LERP(T, FMA, m, g, w1, small) \
     ((small) ? FMA((w1), (g) - (m), (m)) : FMA((w1) - (T)1, (g) - (m), (g)))
 
-static void adamw_f32(float *p, const float *g, float *m, float *v, int64_t n, const adam_scalars *s) {
+/* vec_end: local elements below it take torch's vector rounding (computed from the position in the whole
+ * parameter, so a shard rounds each element exactly as the unsharded tensor would). */
+static void adamw_f32(float *p, const float *g, float *m, float *v, int64_t n, int64_t vec_end, const adam_scalars *s) {
     const float decay = (float)s->decay, w1 = (float)s->w1, b2 = (float)s->b2, omb2 = (float)s->omb2;
     const float bc2s = (float)s->bc2_sqrt, eps = (float)s->eps, nss = (float)s->neg_step_size;
     const bool decay_on = s->decay_on, small = s->small_w1;
-    const int64_t vec_end = n - n % TORCH_VEC_CHUNK_F32;
     #pragma omp parallel for schedule(static) if (n > FL_PAR_MIN)
     for (int64_t i = 0; i < n; i++) {
         const bool tail = i >= vec_end;   /* torch's scalar lambda: addcmul contracts to an fma */
@@ -99,7 +100,8 @@ static void adamw_f64(double *p, const double *g, double *m, double *v, int64_t 
 }
 
 int fl_adamw_step(fl_tensor *p, const fl_tensor *g, fl_tensor *m, fl_tensor *v, int64_t step, double lr,
-                  double beta1, double beta2, double eps, double weight_decay) {
+                  double beta1, double beta2, double eps, double weight_decay, int64_t full_offset,
+                  int64_t full_numel) {
     const char *op = "adamw_step";
     if (check_param(op, p) < 0 || check_operand(op, "grad", p, g) < 0 || check_operand(op, "exp_avg", p, m) < 0 ||
         check_operand(op, "exp_avg_sq", p, v) < 0)
@@ -119,8 +121,14 @@ int fl_adamw_step(fl_tensor *p, const fl_tensor *g, fl_tensor *m, fl_tensor *v, 
     /* is_lerp_weight_small compares the weight in the tensor's dtype */
     s.small_w1 = p->dtype == FL_F32 ? fabsf((float)s.w1) < 0.5f : fabs(s.w1) < 0.5;
     int64_t n = fl_tensor_numel(p);
+    if (full_numel == 0) full_numel = n;
+    if (full_offset < 0 || full_numel < 0 || full_offset > full_numel - n)
+        return fl_fail(FL_EINVAL, "%s: parameter %s (%" PRId64 " elements) at offset %" PRId64
+                       " does not fit in a whole parameter of %" PRId64 " elements", op, fl_shape_str(p), n,
+                       full_offset, full_numel);
     if (p->dtype == FL_F32)
-        adamw_f32(fl_tensor_data(p), fl_tensor_data(g), fl_tensor_data(m), fl_tensor_data(v), n, &s);
+        adamw_f32(fl_tensor_data(p), fl_tensor_data(g), fl_tensor_data(m), fl_tensor_data(v), n,
+                  full_numel - full_numel % TORCH_VEC_CHUNK_F32 - full_offset, &s);
     else
         adamw_f64(fl_tensor_data(p), fl_tensor_data(g), fl_tensor_data(m), fl_tensor_data(v), n, &s);
     return FL_OK;

@@ -52,15 +52,9 @@ fsdp.init, fsdp.world_size, fsdp.rank = dist.init, dist.world_size, dist.rank
 fsdp.mesh, fsdp.barrier = dist.mesh, dist.barrier
 
 -- Global gradient-norm clipping over a list of parameters (torch.nn.utils.clip_grad_norm_); returns the norm.
--- FSDP shards' squared norms are summed over their shard group, so FSDP, HSDP and DDP give the same norm.
-function fsdp.clip_grad_norm(params, max_norm, opts)
-  opts = opts or {}
-  if opts.reduce == nil and type(params) == "table" then
-    local reduce = require("fsdp.fsdp").norm_reduce(params)
-    if reduce then opts = {reduce = reduce} end
-  end
-  return require("fsdp.optim").clip_grad_norm(params, max_norm, opts)
-end
+-- The squared norm is summed exactly over shards and shard groups, so one process, DDP, FSDP and HSDP give the
+-- same bits from the same gradients.
+fsdp.clip_grad_norm = require("fsdp.optim").clip_grad_norm
 
 -- FSDP (DESIGN §5): plans, units, explain, memory. fsdp.ddp is plain data parallelism.
 function fsdp.apply_plan(model, plan, opts) return require("fsdp.fsdp").apply_plan(model, plan, opts) end

@@ -243,8 +243,10 @@ function AdamW:step()
       state[id] = st
     end
     st.step = st.step + 1
+    local where = Tensor.shard_info(p)
     local rc = C.fl_adamw_step(ptr(p, "AdamW.step"), grad._p, st.exp_avg._p, st.exp_avg_sq._p, st.step, g.lr,
-                               g.betas[1], g.betas[2], g.eps, g.weight_decay)
+                               g.betas[1], g.betas[2], g.eps, g.weight_decay, where and where.offset or 0,
+                               where and where.numel or 0)
     if rc < 0 then st.step = st.step - 1; core.fail("AdamW.step: parameter " .. id, 3) end
     grad:free()
   end)
@@ -323,40 +325,99 @@ end
 
 -- ---- clipping ----
 
--- clip_grad_norm(params, max_norm, {reduce = fn}) -> total norm (a number). The norm is the L2 norm of all
--- grads together, summed in f64; opts.reduce(local_sum_of_squares) -> global sum lets FSDP all-reduce it
--- over the shard mesh. As torch, grads are scaled by max_norm / (norm + 1e-6) when that is below 1.
-function M.clip_grad_norm(params, max_norm, opts)
-  opts = core.check_opts("clip_grad_norm", opts, {reduce = true}, 2)
-  if type(max_norm) ~= "number" or max_norm < 0 then
-    error(("clip_grad_norm: max_norm must be a number >= 0, got %s"):format(tostring(max_norm)), 2)
+-- The squared gradient norm, summed exactly (engine/exact_sum.c). Each gradient's squares go into the
+-- accumulator of its parameter's shard group (Tensor.shard_group: FSDP shards; nil for plain and DDP parameters,
+-- whose whole gradient every rank holds); each group's accumulator is summed over that group's ranks, then all
+-- are added and rounded once. Integer sums do not depend on order or split, so one process, DDP and FSDP with any
+-- plan, mesh or world size give the same bits from the same gradients. The groups are visited in the order the
+-- parameter list first names them, which every rank shares, so every rank runs the same collectives.
+local function grad_sum_squares(list)
+  local order, acc_of = {}, {}
+  local function acc_for(group)
+    local key = group or false
+    local acc = acc_of[key]
+    if not acc then
+      acc = Tensor.zeros({C.FL_EXACT_SUM_SIZE}, {dtype = "i64"})
+      acc_of[key] = acc
+      order[#order + 1] = key
+    end
+    return acc
   end
-  if type(params) ~= "table" then error("clip_grad_norm: expected a list of parameters", 2) end
+  acc_for(nil)
+  for _, p in ipairs(list) do
+    local group = Tensor.shard_group(p)
+    local acc = acc_for(group)
+    local g = C.fl_tensor_get_grad(p._p)
+    if g ~= nil then
+      local rc = C.fl_exact_sum_add_squares(acc._p, g)
+      C.fl_tensor_release(g)
+      core.check(rc, nil, 3)
+    end
+  end
+  local total = acc_of[false]
+  for i = 2, #order do
+    local acc = acc_of[order[i]]
+    core.check(C.fl_exact_sum_all_reduce(order[i], acc._p), "clip_grad_norm", 3)
+    C.fl_exact_sum_merge(total._p, acc._p)
+    acc:free()
+  end
+  local ss = tonumber(C.fl_exact_sum_value(total._p))
+  total:free()
+  return ss
+end
+M.grad_sum_squares = grad_sum_squares
+
+local function param_list(what, params)
+  if type(params) ~= "table" then error(what .. ": expected a list of parameters", 3) end
   local list = params
   if #params > 0 and not is_tensor(params[1]) then   -- param groups
     list = {}
     for _, g in ipairs(params) do for _, p in ipairs(g.params) do list[#list + 1] = p end end
   end
-  local grads, ss = {}, 0
   for i, p in ipairs(list) do
-    if not is_tensor(p) then error(("clip_grad_norm: entry %d is %s, expected a tensor"):format(i, type(p)), 2) end
-    local g = p.grad
+    if not is_tensor(p) then error(("%s: entry %d is %s, expected a tensor"):format(what, i, type(p)), 3) end
+  end
+  return list
+end
+
+-- get_total_norm(params) -> the L2 norm of all grads together (torch.nn.utils.get_total_norm over the grads):
+-- plain, DDP and FSDP-sharded parameters alike, summed exactly (see grad_sum_squares). Collective over every
+-- shard group the parameters name.
+function M.get_total_norm(params)
+  return math.sqrt(grad_sum_squares(param_list("get_total_norm", params)))
+end
+
+-- clip_grads_with_norm_(params, max_norm, total_norm): scales every grad in place by max_norm / (total_norm +
+-- 1e-6) when that is below 1, as torch.nn.utils.clip_grads_with_norm_.
+function M.clip_grads_with_norm_(params, max_norm, total_norm)
+  if type(max_norm) ~= "number" or max_norm < 0 then
+    error(("clip_grads_with_norm_: max_norm must be a number >= 0, got %s"):format(tostring(max_norm)), 2)
+  end
+  if type(total_norm) ~= "number" then
+    error(("clip_grads_with_norm_: total_norm must be a number, got %s"):format(type(total_norm)), 2)
+  end
+  local coef = max_norm / (total_norm + 1e-6)
+  if not (coef < 1) then return end
+  for _, p in ipairs(param_list("clip_grads_with_norm_", params)) do
+    local g = C.fl_tensor_get_grad(p._p)
     if g ~= nil then
-      grads[#grads + 1] = g
-      ss = ss + basic.sum_squares(g)
+      local rc = C.fl_scale_(g, coef)
+      C.fl_tensor_release(g)
+      core.check(rc, "clip_grads_with_norm_", 2)
     end
   end
-  if opts.reduce then ss = opts.reduce(ss) end
-  local norm = math.sqrt(ss)
-  local coef = max_norm / (norm + 1e-6)
-  if coef < 1 then
-    for _, g in ipairs(grads) do
-      local scaled = basic.scale(g, coef)
-      basic.copy_(g, scaled)
-      scaled:free()
-    end
+end
+
+-- clip_grad_norm(params, max_norm) -> total norm (a number), as torch.nn.utils.clip_grad_norm_: get_total_norm,
+-- then clip_grads_with_norm_.
+function M.clip_grad_norm(params, max_norm, opts)
+  core.check_opts("clip_grad_norm", opts, {}, 2)
+  if type(max_norm) ~= "number" or max_norm < 0 then
+    error(("clip_grad_norm: max_norm must be a number >= 0, got %s"):format(tostring(max_norm)), 2)
   end
-  for _, g in ipairs(grads) do g:free() end
+  local list = param_list("clip_grad_norm", params)
+  local norm = math.sqrt(grad_sum_squares(list))
+  M.clip_grads_with_norm_(list, max_norm, norm)
   return norm
 end
 

@@ -65,6 +65,18 @@ local function fill_shape(shape, what)
 end
 Tensor.fill_shape = fill_shape
 
+-- A sharded parameter knows where it lives: FSDP marks each local shard with the fl_comm it is sharded over and
+-- its place in the whole parameter ({group =, offset = first element, numel = whole parameter's elements}), so
+-- that reductions over parameters (the gradient norm) sum shards over that group and nothing else, and the
+-- optimizer rounds each element as it would in the whole tensor. nil for plain and DDP parameters, whose every
+-- rank holds the whole tensor.
+function Tensor.set_shard_info(t, info) rawset(t, "_shard_info", info) end
+function Tensor.shard_info(t) return rawget(t, "_shard_info") end
+function Tensor.shard_group(t)
+  local info = rawget(t, "_shard_info")
+  return info and info.group
+end
+
 -- ---- properties (t.dtype, t.device, t.grad, t.requires_grad, t.grad_fn) ----
 local props = {
   dtype = function(t) return dtype_names[t._p.dtype] end,

@@ -1,6 +1,7 @@
 -- spec/workers/fsdp_parity.lua: one rank of the FSDP parity matrix (spec/dist/fsdp_parity_spec.lua), started by
--- `fsdp-lua -n N spec/workers/fsdp_parity.lua OUT_DIR model=... mode=...`. Trains a tiny model for 3 AdamW steps
--- with clip_grad_norm on a fixed global batch of 12 sequences, rank r taking its equal slice; writes
+-- `fsdp-lua -n N spec/workers/fsdp_parity.lua OUT_DIR model=... mode=...`. Trains a tiny model with uneven shapes
+-- (vocab 97 splits evenly over none of 2, 3, 4 ranks; hidden 40 not over 3) for 6 AdamW steps at lr 1e-2 with clip_grad_norm(1.0), which
+-- clips every step, on a fixed global batch of 24 sequences, rank r taking its equal slice; writes
 -- OUT_DIR/rank<r>.lua (per-step loss averaged over ranks, grad norm) and, on rank 0, OUT_DIR/weights.safetensors
 -- (the final full weights). The spec compares runs.
 --
@@ -22,23 +23,30 @@ local F    = require "fsdp.fsdp"
 local D    = require "dist"
 
 local out_dir = assert(arg[1], "usage: fsdp_parity.lua OUT_DIR model=... mode=...")
-local opt = {model = "gpt2", mode = "auto"}
+local opt = {model = "gpt2", mode = "auto", steps = "6", max_norm = "0.2"}
 for i = 2, #arg do
-  local k, v = arg[i]:match("^(%w+)=(.*)$")
+  local k, v = arg[i]:match("^([%w_]+)=(.*)$")
   assert(k and opt[k] ~= nil, "bad option " .. arg[i])
   opt[k] = v
 end
 
 dist.init{seed = 1234}
 local rank, world = dist.rank(), dist.world_size()
-local B, T, STEPS = 12, 16, 3
+local B, T, STEPS = 24, 16, tonumber(opt.steps)
 assert(B % world == 0, "the global batch must split evenly")
 
 -- The registered models of the matrix: GPT-2 (tied), Llama untied, Llama with tied embeddings.
 local KINDS = {gpt2 = {"gpt2", true}, llama = {"llama", false}, llama_tied = {"llama", true}}
 local kind = assert(KINDS[opt.model], "model must be gpt2, llama or llama_tied")
 local mt = kind[1]
-local cfg = fsdp.models.tiny_config(mt, {tie_word_embeddings = kind[2]})
+local SHAPES = {
+  gpt2 = {vocab_size = 97, n_embd = 40, n_head = 4},
+  llama = {vocab_size = 97, hidden_size = 40, intermediate_size = 88, num_attention_heads = 4, num_key_value_heads = 2,
+           head_dim = 10},
+}
+local over = {tie_word_embeddings = kind[2]}
+for k, v in pairs(SHAPES[mt]) do over[k] = v end
+local cfg = fsdp.models.tiny_config(mt, over)
 local sharded = opt.mode ~= "single" and opt.mode ~= "ddp" and opt.mode ~= "ddp_accum" and opt.mode ~= "ddp_mp"
 -- FSDP builds on meta: each rank initialises only its rows, which must equal the full initialisation.
 local model = fsdp.models.build(cfg, {device = sharded and "meta" or "cpu", seed = 7})
@@ -91,7 +99,6 @@ end
 -- f32 rounding differences between code paths would dominate the comparison (see spec/workers/ddp_train.lua).
 local params = masters or model:parameters()
 local optim = fsdp.optim.AdamW(params, {lr = 1e-2, weight_decay = 0.1, eps = 1e-6})
-local reduce = F.norm_reduce(params)
 
 local function global_batch(step)
   local ids = fsdp.empty({B, T}, {dtype = "i64"})
@@ -104,7 +111,7 @@ local function set_sync(on)
   if sharded then F.set_requires_gradient_sync(model, on) else model:set_requires_gradient_sync(on) end
 end
 
-local report = {rank = rank, world = world, losses = {}, norms = {}}
+local report = {rank = rank, world = world, losses = {}, norms = {}, clipped = 0}
 local per = math.floor(B / world)
 for step = 1, STEPS do
   local ids = global_batch(step):narrow(1, rank * per + 1, per):contiguous()
@@ -133,7 +140,8 @@ for step = 1, STEPS do
       low.grad = nil
     end
   end
-  local norm = fsdp.optim.clip_grad_norm(params, 1.0, {reduce = reduce})
+  local norm = fsdp.clip_grad_norm(params, tonumber(opt.max_norm))
+  if norm > tonumber(opt.max_norm) then report.clipped = report.clipped + 1 end
   optim:step()
   optim:zero_grad()
   if masters then

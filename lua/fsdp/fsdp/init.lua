@@ -13,7 +13,6 @@ local M = {}
 -- Engine units of a model's modules, and the group each model's units share (keeps them alive).
 local unit_of_module = setmetatable({}, {__mode = "k"})
 -- Local shard -> the process group it is sharded over (gradient-norm clipping sums over it).
-M.comm_of_shard = setmetatable({}, {__mode = "k"})
 
 local function dist() return require "fsdp.dist" end
 
@@ -75,9 +74,9 @@ local function make_unit(group, spec, params, mods, opts)
   for i, e in ipairs(params) do
     local shard = Tensor.wrap(C.fl_fsdp_unit_shard(up, i - 1))
     local full = e[2]
+    local row0 = tonumber(C.fl_fsdp_unit_shard_row0(up, i - 1))
+    local offset = row0 * (full:numel() / math.max(full:dim() > 0 and full:size(1) or 1, 1))
     if e[5] then   -- was on meta: this rank's rows of the full initialisation
-      local row0 = tonumber(C.fl_fsdp_unit_shard_row0(up, i - 1))
-      local offset = row0 * (full:numel() / math.max(full:dim() > 0 and full:size(1) or 1, 1))
       if e[6] then
         -- fully_shard on a submodule does not know the full dotted names: model:materialize{seed=} initialises
         Module.shard_init_offset[shard] = offset
@@ -87,7 +86,7 @@ local function make_unit(group, spec, params, mods, opts)
       end
     end
     Module.shard_of[full] = shard
-    M.comm_of_shard[shard] = shard_comm
+    Tensor.set_shard_info(shard, {group = shard_comm, offset = offset, numel = full:numel()})
     u.shards[i] = shard
   end
   group.units[#group.units + 1] = u
@@ -276,29 +275,6 @@ function M.full_state_dict(model, opts)
     end
   end
   return out
-end
-
--- The gradient-norm reduction for clip_grad_norm: the squared norm of sharded parameters is summed over
--- their shard group (an HSDP replica holds the same shards, so dp_replicate is not summed again); returns
--- nil when no parameter is sharded (plain or DDP parameters: every rank already holds the whole gradient).
-function M.norm_reduce(params)
-  local comm
-  for _, p in ipairs(params) do
-    local c = M.comm_of_shard[p]
-    if c then
-      if comm and c ~= comm then error("clip_grad_norm: parameters are sharded over different process groups", 3) end
-      comm = c
-    elseif comm then
-      error("clip_grad_norm: mixes sharded and unsharded parameters", 3)
-    end
-  end
-  if not comm then return nil end
-  local t = Tensor.empty({1}, {dtype = "f64"})
-  return function(local_sum)
-    t:set(0, local_sum)
-    core.check(C.fl_all_reduce(comm, t._p, 0), "clip_grad_norm", 2)
-    return t:get(0)
-  end
 end
 
 return M
