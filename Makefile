@@ -5,6 +5,13 @@ BUILD   := build
 DEB_PKGS := luajit libluajit-5.1-dev lua-cjson lua-busted libopenblas-openmp-dev libopenmpi-dev openmpi-bin libedit-dev
 BLAS_INC := /usr/include/x86_64-linux-gnu/openblas-openmp
 CFLAGS  ?= -O3 -march=native
+# SANITIZE=address,undefined builds with those sanitizers (make check's sanitizer build, in its own BUILD dir).
+SANITIZE ?=
+SAN_OPT ?= -O1
+ifneq ($(SANITIZE),)
+CFLAGS  += $(SAN_OPT) -g -fno-omit-frame-pointer -fsanitize=$(SANITIZE) -fno-sanitize-recover=undefined
+LDFLAGS += -fsanitize=$(SANITIZE)
+endif
 CFLAGS  += -std=c11 -D_GNU_SOURCE -fPIC -fopenmp -Wall -Wextra -Wno-unused-parameter -Iengine -I$(BLAS_INC) \
            $(shell pkg-config --cflags luajit 2>/dev/null)
 MPI_CFLAGS := $(shell mpicc --showme:compile 2>/dev/null)
@@ -48,11 +55,11 @@ $(BUILD)/cuda/%.o: kernels/%.cu $(wildcard kernels/*.h) engine/fsdp.h
 	$(NVCC) $(NVFLAGS) -c $< -o $@
 
 $(BUILD)/libfsdp.so: $(ENGINE_OBJ) $(KERNEL_OBJ) Makefile
-	$(CC) -shared -fopenmp -Wl,-z,nodelete -o $@ $(filter %.o,$^) $(LDLIBS)  # nodelete: OpenMP threads outlive dlclose at exit
+	$(CC) $(LDFLAGS) -shared -fopenmp -Wl,-z,nodelete -o $@ $(filter %.o,$^) $(LDLIBS)  # nodelete: OpenMP threads outlive dlclose at exit
 
 # The executable exports the engine's symbols so that ffi.C finds them.
 $(BUILD)/fsdp-lua: $(BUILD)/obj/main.o $(ENGINE_OBJ) $(KERNEL_OBJ)
-	$(CC) -fopenmp -Wl,--export-dynamic -o $@ $^ $(LUAJIT_LIBS) -ledit $(LDLIBS)
+	$(CC) $(LDFLAGS) -fopenmp -Wl,--export-dynamic -o $@ $^ $(LUAJIT_LIBS) -ledit $(LDLIBS)
 
 $(BUILD)/obj/main.o: engine/main.c engine/fsdp.h
 	@mkdir -p $(dir $@)

@@ -40,6 +40,8 @@ fl_tensor *fl_tensor_empty_like(const fl_tensor *t);
 fl_tensor *fl_tensor_zeros_like(const fl_tensor *t);
 void fl_contiguous_strides(int32_t ndim, const int64_t *shape, int64_t *stride);
 int64_t fl_shape_numel(int32_t ndim, const int64_t *shape);
+/* FL_OK when the element count and byte size of shape fit in int64, else an error naming op and the shape. */
+int fl_shape_check_size(const char *op, int32_t ndim, const int64_t *shape, int32_t dtype);
 bool fl_same_shape(const fl_tensor *a, const fl_tensor *b);
 /* "[2, 3]" into a thread-local ring of buffers: safe for a few uses in one message. */
 const char *fl_shape_str(const fl_tensor *t);

@@ -14,11 +14,11 @@
 void fl_gemm_call(int32_t dt, bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha, const void *a, int64_t lda,
                  const void *b, int64_t ldb, double beta, void *c, int64_t ldc) {
     if (m == 0 || n == 0) return;
-    if (k == 0) {  /* BLAS leaves C untouched for k = 0 only when beta = 1 */
+    if (k == 0) {  /* an empty sum: C = beta * C, and beta = 0 never reads C (it may be uninitialised) */
         for (int64_t i = 0; i < m; i++)
             for (int64_t j = 0; j < n; j++) {
-                if (dt == FL_F32) ((float *)c)[i * ldc + j] *= (float)beta;
-                else ((double *)c)[i * ldc + j] *= beta;
+                if (dt == FL_F32) { float *x = (float *)c + i * ldc + j; *x = beta == 0 ? 0.0f : *x * (float)beta; }
+                else { double *x = (double *)c + i * ldc + j; *x = beta == 0 ? 0.0 : *x * beta; }
             }
         return;
     }

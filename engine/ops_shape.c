@@ -20,7 +20,8 @@ fl_tensor *fl_view(const fl_tensor *t, int32_t ndim, const int64_t *shape_in) {
             if (infer >= 0) return fl_fail_null(FL_EINVAL, "view: more than one -1 in %s", fl_shape_str_n(ndim, shape_in));
             infer = d;
         } else if (shape[d] < 0) return fl_fail_null(FL_EINVAL, "view: bad size %" PRId64 " in %s", shape[d], fl_shape_str_n(ndim, shape_in));
-        else known *= shape[d];
+        else if (__builtin_mul_overflow(known, shape[d], &known))
+            return fl_fail_null(FL_EINVAL, "view: shape %s has more than 2^63 elements", fl_shape_str_n(ndim, shape_in));
     }
     if (infer >= 0) {
         if (known == 0 || n % known) return fl_fail_null(FL_EINVAL, "view: cannot view %s (%" PRId64 " elements) as %s", fl_shape_str(t), n, fl_shape_str_n(ndim, shape_in));
@@ -96,7 +97,7 @@ static int narrow_backward(fl_node *n, fl_tensor *const *go, fl_tensor **gi) {
 fl_tensor *fl_narrow(const fl_tensor *t, int32_t dim, int64_t start, int64_t length) {
     int32_t d = fl_wrap_dim(dim, t->ndim);
     if (d < 0) return fl_fail_null(FL_EINVAL, "narrow: dim %d out of range for %s", dim, fl_shape_str(t));
-    if (start < 0 || length < 0 || start + length > t->shape[d])
+    if (start < 0 || length < 0 || start > t->shape[d] || length > t->shape[d] - start)
         return fl_fail_null(FL_EINVAL, "narrow: rows [%" PRId64 ", %" PRId64 ") out of range for dim %d of %s", start, start + length, d, fl_shape_str(t));
     int64_t shape[FL_MAX_DIMS];
     memcpy(shape, t->shape, sizeof shape);
@@ -124,10 +125,12 @@ fl_tensor *fl_expand(const fl_tensor *t, int32_t ndim, const int64_t *shape) {
     for (int32_t d = 0; d < ndim; d++) {
         int64_t want = shape[d], have = d < lead ? 1 : t->shape[d - lead];
         if (want == -1) want = have;
+        if (want < 0) return fl_fail_null(FL_EINVAL, "expand: bad size %" PRId64 " in %s", want, fl_shape_str_n(ndim, shape));
         if (have != want && have != 1) return fl_fail_null(FL_EINVAL, "expand: cannot expand %s to %s (dim %d)", fl_shape_str(t), fl_shape_str_n(ndim, shape), d);
         sh[d] = want;
         st[d] = (d < lead || have != want) ? 0 : t->stride[d - lead];
     }
+    if (fl_shape_check_size("expand", ndim, sh, t->dtype) < 0) return NULL;
     fl_tensor *out = fl_tensor_view_of(t->storage, t->dtype, t->device, ndim, sh, st, t->offset);
     if (!out) return NULL;
     const fl_tensor *ins[1] = {t};

@@ -51,6 +51,19 @@ static int check_shape(int32_t ndim, const int64_t *shape, int32_t dtype) {
     for (int32_t d = 0; d < ndim; d++)
         if (shape[d] < 0) return fl_fail(FL_EINVAL, "tensor: negative size %" PRId64 " in dim %d of %s",
                                           shape[d], d, fl_shape_str_n(ndim, shape));
+    return fl_shape_check_size("tensor", ndim, shape, dtype);
+}
+
+/* Element count and byte size must fit in int64 (every later size, offset and stride product then does). */
+int fl_shape_check_size(const char *op, int32_t ndim, const int64_t *shape, int32_t dtype) {
+    int64_t n = 1;
+    for (int32_t d = 0; d < ndim; d++)
+        if (__builtin_mul_overflow(n, shape[d], &n))
+            return fl_fail(FL_EINVAL, "%s: shape %s has more than 2^63 elements", op, fl_shape_str_n(ndim, shape));
+    int64_t bytes;
+    if (__builtin_mul_overflow(n, (int64_t)fl_dtype_size(dtype), &bytes))
+        return fl_fail(FL_EINVAL, "%s: shape %s of %s is more than 2^63 bytes", op, fl_shape_str_n(ndim, shape),
+                       fl_dtype_name(dtype));
     return FL_OK;
 }
 
@@ -62,8 +75,8 @@ fl_tensor *fl_tensor_view_of(fl_storage *s, int32_t dtype, int32_t device, int32
     t->dtype = dtype;
     t->device = device;
     t->ndim = ndim;
-    memcpy(t->shape, shape, sizeof(int64_t) * (size_t)ndim);
-    if (stride) memcpy(t->stride, stride, sizeof(int64_t) * (size_t)ndim);
+    if (ndim > 0) memcpy(t->shape, shape, sizeof(int64_t) * (size_t)ndim);
+    if (stride && ndim > 0) memcpy(t->stride, stride, sizeof(int64_t) * (size_t)ndim);
     else fl_contiguous_strides(ndim, shape, t->stride);
     t->offset = offset;
     t->storage = s;

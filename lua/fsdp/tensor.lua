@@ -241,12 +241,27 @@ function methods.item(t)
   return tonumber(C.fl_tensor_get_flat(p, 0))
 end
 
-function methods.get(t, i)   -- flat row-major index, 0-based
-  return tonumber(C.fl_tensor_get_flat(ptr(t, "get"), i))
+-- A flat row-major index, 0-based: an integer in [0, numel), or an error naming the index and the shape.
+local function check_index(what, t, p, i)
+  local n = tonumber(C.fl_tensor_numel(p))
+  if type(i) ~= "number" or i ~= math.floor(i) or i < 0 or i >= n then
+    error(("%s: index %s out of range for %s (%d elements; indices are 0-based)")
+          :format(what, tostring(i), t:shape_str(), n), 3)
+  end
+  if not C.fl_tensor_has_data(p) then error(what .. ": tensor has no data (meta or released)", 3) end
+end
+
+function methods.get(t, i)
+  local p = ptr(t, "get")
+  check_index("get", t, p, i)
+  return tonumber(C.fl_tensor_get_flat(p, i))
 end
 
 function methods.set(t, i, v)
-  core.check(C.fl_tensor_set_flat(ptr(t, "set"), i, v), nil, 2)
+  local p = ptr(t, "set")
+  check_index("set", t, p, i)
+  if type(v) ~= "number" then error(("set: value must be a number, got %s"):format(type(v)), 2) end
+  core.check(C.fl_tensor_set_flat(p, i, v), nil, 2)
 end
 
 function methods.tolist(t)

@@ -10,7 +10,8 @@ local M = {}
 
 M.FORWARD_OPTS = {labels = true}
 
--- targets[b, t] = labels[b, t+1], and -100 at t = T-1: the model shifts labels, not input_ids.
+-- targets[b, t] = labels[b, t+1], and -100 at t = T-1: the model shifts labels, not input_ids. Empty sequences
+-- (T = 0) have no targets: the loss is then a mean over nothing, NaN, as in transformers.
 function M.shift_labels(labels, B, T)
   local lab = labels
   if labels.dtype ~= "i64" then lab = basic.to(labels, "i64") end
@@ -18,7 +19,7 @@ function M.shift_labels(labels, B, T)
   local src = ffi.cast("const int64_t *", lc:data_ptr())
   local out = Tensor.empty({B * T}, {dtype = "i64"})
   local dst = ffi.cast("int64_t *", out:data_ptr())
-  for b = 0, B - 1 do
+  for b = 0, T > 0 and B - 1 or -1 do
     local row = b * T
     for t = 0, T - 2 do dst[row + t] = src[row + t + 1] end
     dst[row + T - 1] = -100

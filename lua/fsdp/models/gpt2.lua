@@ -34,6 +34,14 @@ M.defaults = {
   scale_attn_by_inverse_layer_idx = false, reorder_and_upcast_attn = false, bos_token_id = 50256,
   eos_token_id = 50256, tie_word_embeddings = true,
 }
+-- What each key must hold (models.config checks it, naming the key; see models/init.lua for the kinds).
+M.schema = {
+  vocab_size = "size", n_positions = "size", n_embd = "size", n_layer = "size", n_head = "size", n_inner = "size?",
+  activation_function = "string", resid_pdrop = "prob", embd_pdrop = "prob", attn_pdrop = "prob",
+  layer_norm_epsilon = "eps", initializer_range = "nonneg", scale_attn_weights = "bool",
+  scale_attn_by_inverse_layer_idx = "bool", reorder_and_upcast_attn = "bool", bos_token_id = "token_id?",
+  eos_token_id = "token_id?", tie_word_embeddings = "bool",
+}
 -- Keys written as JSON floats (Python reads 0 as int and 0.0 as float).
 M.float_keys = {resid_pdrop = true, embd_pdrop = true, attn_pdrop = true, layer_norm_epsilon = true,
                 initializer_range = true, summary_first_dropout = true}

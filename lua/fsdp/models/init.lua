@@ -35,6 +35,42 @@ local function strip_null(v)
   return out
 end
 
+-- The kinds of config values (an architecture's M.schema maps keys to kinds; a trailing "?" allows nil).
+local function is_int(v) return type(v) == "number" and v == math.floor(v) and v > -math.huge and v < math.huge end
+local KINDS = {
+  size     = {"a positive integer", function(v) return is_int(v) and v >= 1 end},
+  nonneg   = {"a number >= 0", function(v) return type(v) == "number" and v >= 0 and v < math.huge end},
+  positive = {"a positive number", function(v) return type(v) == "number" and v > 0 and v < math.huge end},
+  eps      = {"a positive number", function(v) return type(v) == "number" and v > 0 and v < math.huge end},
+  prob     = {"a number in [0, 1)", function(v) return type(v) == "number" and v >= 0 and v < 1 end},
+  string   = {"a string", function(v) return type(v) == "string" end},
+  bool     = {"a boolean", function(v) return type(v) == "boolean" end},
+  token_id = {"a token id (an integer >= 0, or a list of them)", function(v)
+    if is_int(v) then return v >= 0 end
+    if type(v) ~= "table" or #v == 0 then return false end
+    for _, x in ipairs(v) do if not (is_int(x) and x >= 0) then return false end end
+    return true
+  end},
+}
+
+local function validate(model_type, schema, cfg)
+  local keys = {}
+  for k in pairs(schema) do keys[#keys + 1] = k end
+  table.sort(keys)   -- the first bad key in a stable order
+  for _, k in ipairs(keys) do
+    local kind = schema[k]
+    local optional = kind:sub(-1) == "?"
+    local v = cfg[k]
+    if not (optional and v == nil) then
+      local spec = assert(KINDS[optional and kind:sub(1, -2) or kind], kind)
+      if not spec[2](v) then
+        error(("config: %s: %s must be %s, got %s"):format(model_type, k, spec[1],
+              type(v) == "string" and ("'" .. v .. "'") or tostring(v)), 3)
+      end
+    end
+  end
+end
+
 -- config(model_type, overrides) -> HF config table: the architecture's defaults, then the overrides (any HF key,
 -- as config.json holds them), normalised (aliases, RoPE) and validated.
 function M.config(model_type, overrides)
@@ -60,6 +96,7 @@ function M.config(model_type, overrides)
     error(("config: overrides say model_type '%s', expected '%s'"):format(tostring(overrides.model_type), model_type), 2)
   end
   cfg.model_type = model_type
+  validate(model_type, spec.schema, cfg)
   spec.normalize(cfg)
   return cfg
 end
@@ -81,6 +118,7 @@ function M.build(cfg, opts)
   opts = core.check_opts("build", opts, BUILD_OPTS, 2)
   if type(cfg) ~= "table" or not cfg.model_type then error("build: cfg must be a table from fsdp.models.config", 2) end
   local spec = spec_of(cfg.model_type, "build")
+  validate(cfg.model_type, spec.schema, cfg)   -- again: the table may have been edited since config()
   local device = opts.device or "cpu"
   if device ~= "cpu" and device ~= "meta" then
     error(("build: unknown device '%s' (valid: cpu, meta)"):format(tostring(device)), 2)

@@ -33,6 +33,14 @@ M.defaults = {
   bos_token_id = 1, eos_token_id = 2, pad_token_id = nil,
 }
 M.float_keys = {initializer_range = true, rms_norm_eps = true, attention_dropout = true, rope_theta = true}
+-- What each key must hold (models.config checks it, naming the key; see models/init.lua for the kinds).
+M.schema = {
+  vocab_size = "size", hidden_size = "size", intermediate_size = "size", num_hidden_layers = "size",
+  num_attention_heads = "size", num_key_value_heads = "size?", head_dim = "size?", hidden_act = "string",
+  max_position_embeddings = "size", initializer_range = "nonneg", rms_norm_eps = "eps", tie_word_embeddings = "bool",
+  attention_bias = "bool", mlp_bias = "bool", attention_dropout = "prob", pretraining_tp = "size",
+  bos_token_id = "token_id?", eos_token_id = "token_id?", pad_token_id = "token_id?", rope_theta = "positive?",
+}
 M.default_theta = 10000.0
 
 M.tiny_config = {vocab_size = 101, hidden_size = 32, intermediate_size = 80, num_hidden_layers = 2,
