@@ -341,6 +341,8 @@ describe("attention dropout: the op", function()
     -- the engine checks too (the layers' hot path does not check in Lua)
     local lops = require "fsdp.nn.ops"
     assert.matches("attention: dropout p must be in %[0, 1%), got 1.5", err_of(lops.attention, q, q, q, 0.5, 0, 1.5, 0, 1))
+    assert.matches("Attention: dropout %(attention_dropout%) must be a number in %[0, 1%), got 1",
+                   err_of(fsdp.nn.Attention.new, 8, {num_heads = 2, dropout = 1}))
   end)
 end)
 
@@ -437,6 +439,8 @@ end
 describe("activation checkpointing with dropout", function()
   for _, c in ipairs {
     {"gpt2", {attn_pdrop = 0}, "GPT-2, embedding and residual dropout 0.1"},
+    {"gpt2", {}, "GPT-2 with Hugging Face's dropouts (embedding, residual, attention 0.1)"},
+    {"llama", {}, "Llama with attention_dropout 0.1 (GQA)"},
   } do
     local kind, over, name = unpack(c)
     it(name .. ": gradients with checkpointed blocks equal the plain gradients bit for bit", function()
@@ -456,6 +460,102 @@ describe("activation checkpointing with dropout", function()
       local differ = 0
       for pname, b in pairs(g1) do if b ~= g3[pname] then differ = differ + 1 end end
       assert.is_true(differ > 0.5 * count, ("only %d of %d gradients depend on the masks"):format(differ, count))
+    end)
+  end
+end)
+
+-- ---- the layers and the models ----
+
+describe("attention dropout in the layers", function()
+  -- the layer's output in train mode from dropout call `start`
+  local function run(layer, x, start)
+    keys.set_counter(start)
+    return fsdp.no_grad(function() return layer(x) end)
+  end
+
+  for _, c in ipairs {
+    {"GPT2Attention", function(p) return fsdp.nn.GPT2Attention.new(16, {n_head = 2, attn_pdrop = p, seed = 1}) end},
+    {"Attention (Llama, GQA)", function(p)
+      return fsdp.nn.Attention.new(16, {num_heads = 4, num_kv_heads = 2, dropout = p, seed = 1})
+    end},
+  } do
+    local name, make = unpack(c)
+    it(name .. " drops probabilities in training mode with a fresh key per call; eval equals p = 0", function()
+      local layer, plain = make(0.3), make(0)
+      layer:materialize{seed = 3}; plain:materialize{seed = 3}
+      local x = fsdp.randn({2, 9, 16}, {seed = 4, name = "x"})
+      local a, b = run(layer, x, 0), run(layer, x, 0)
+      assert.is_true(bits_equal(a, b))                  -- the same key: the same output
+      assert.is_false(bits_equal(a, run(layer, x, 1)))  -- the next call: another mask
+      assert.is_false(bits_equal(a, run(plain, x, 0)))  -- dropout is really on
+      keys.set_counter(0)
+      layer:eval()
+      local e1 = fsdp.no_grad(function() return layer(x) end)
+      assert.equal(0, keys.counter())                   -- eval draws no key
+      assert.is_true(bits_equal(e1, fsdp.no_grad(function() return layer(x) end)))
+      assert.is_true(bits_equal(e1, run(plain, x, 0)))  -- eval is exactly the p = 0 attention
+    end)
+  end
+
+  it("GPT-2 from its Hugging Face defaults (dropouts 0.1) trains in train mode; eval logits are deterministic", function()
+    local cfg = fsdp.models.config("gpt2", {vocab_size = 101, n_positions = 32, n_embd = 32, n_layer = 2, n_head = 4})
+    assert.equal(0.1, cfg.attn_pdrop)
+    assert.equal(0.1, cfg.resid_pdrop)
+    assert.equal(0.1, cfg.embd_pdrop)
+    local model = fsdp.models.build(cfg, {seed = 7})
+    local ids = batch(4, 16, 3)
+    local opt = fsdp.optim.AdamW(model:parameters(), {lr = 3e-3})
+    keys.set_counter(0)
+    local losses = {}
+    for step = 1, 20 do
+      local out = model(ids, {labels = ids})
+      out.loss:backward()
+      opt:step()
+      opt:zero_grad()
+      losses[step] = out.loss:item()
+      assert.is_true(losses[step] == losses[step] and math.abs(losses[step]) < math.huge, "step " .. step .. " not finite")
+    end
+    -- ln(101) = 4.6 at the start; 20 AdamW steps on one repeated batch memorise it by far more than the noise
+    -- dropout adds to a step's loss (a few percent)
+    local first, last = 0, 0
+    for i = 1, 5 do first, last = first + losses[i] / 5, last + losses[15 + i] / 5 end
+    assert.is_true(last < first - 0.5, ("loss %.3f -> %.3f"):format(first, last))
+    assert.is_true(losses[20] < losses[1])
+    -- train-mode losses at fixed weights differ call to call (the masks do); eval is deterministic
+    local l1 = fsdp.no_grad(function() return model(ids, {labels = ids}).loss:item() end)
+    local l2 = fsdp.no_grad(function() return model(ids, {labels = ids}).loss:item() end)
+    assert.are_not.equal(l1, l2)
+    model:eval()
+    local e1 = fsdp.no_grad(function() return model(ids).logits end)
+    local e2 = fsdp.no_grad(function() return model(ids).logits end)
+    assert.is_true(bits_equal(e1, e2))
+  end)
+
+  -- One training step of a model with dropout on, with `threads` threads; returns loss, norm and weight bytes.
+  local function step_with(kind, threads)
+    fsdp.set_num_threads(threads)
+    local model = small_model(kind)
+    local opt = fsdp.optim.AdamW(model:parameters(), {lr = 1e-2, weight_decay = 0.1})
+    local ids = batch(4, 32, 11)
+    keys.set_counter(0)
+    local out = model(ids, {labels = ids})
+    out.loss:backward()
+    local norm = fsdp.optim.clip_grad_norm(model:parameters(), 1.0)
+    opt:step()
+    local bytes = {}
+    for name, p in model:named_parameters() do bytes[name] = ffi.string(p:data_ptr(), p:numel() * 4) end
+    return out.loss:item(), norm, bytes
+  end
+
+  for _, kind in ipairs {"gpt2", "llama"} do
+    it(kind .. " with dropout on: a training step is bit-identical with 1 and 2 threads", function()
+      local before = fsdp.get_num_threads()
+      local l1, n1, w1 = step_with(kind, 1)
+      local l2, n2, w2 = step_with(kind, 2)
+      fsdp.set_num_threads(before)
+      assert.equal(l1, l2)
+      assert.equal(n1, n2)
+      for name, b in pairs(w1) do assert.is_true(b == w2[name], name .. " differs between 1 and 2 threads") end
     end)
   end
 end)
