@@ -240,6 +240,12 @@ fl_tensor *fl_rope(const fl_tensor *x, const fl_tensor *pos, double theta, int32
  * allowed, last dim contiguous), nH a multiple of nKV (query head h uses kv head h / (nH/nKV)).
  * window > 0 limits keys to i - window < j <= i. Returns [B, T, nH, hd] contiguous. */
 fl_tensor *fl_attention(const fl_tensor *q, const fl_tensor *k, const fl_tensor *v, double scale, int64_t window);
+/* The same with dropout on the attention probabilities, as torch eager: out = dropout_p(softmax(scale QK^T + mask)) V.
+ * Probability (b, h, i, j) is kept iff the uniform (32 bits) of element ((b nH + h) T + i) T + j of the stream
+ * (seed, key) is >= p; kept values times 1/(1-p). The mask is regenerated in backward, never stored, and depends
+ * on (seed, key, b, h, i, j) only. p in [0, 1) (else FL_EINVAL); p = 0 is exactly fl_attention. */
+fl_tensor *fl_attention_dropout(const fl_tensor *q, const fl_tensor *k, const fl_tensor *v, double scale, int64_t window,
+                                double p, uint64_t seed, uint64_t key);
 
 /* ---- indexing for MoE (ops_index.c) ---- */
 fl_tensor *fl_topk(const fl_tensor *x, int64_t k, fl_tensor **indices);  /* over the last dim, sorted descending */

@@ -91,6 +91,8 @@ int fl_mpi_test(void **req, bool *done, int64_t *bytes);
 /* ---- counter-based RNG (rng.c) ---- */
 double fl_rng_uniform_at(uint64_t seed, uint64_t stream, uint64_t i);
 double fl_rng_normal_at(uint64_t seed, uint64_t stream, uint64_t i);
+/* out[k] = 32 random bits of element first + k (k < n), a pure function of (seed, stream, element index). */
+void fl_rng_bits_at(uint64_t seed, uint64_t stream, uint64_t first, int64_t n, uint32_t *out);
 
 /* ---- low precision (lowp.c): bf16/f16 ops computed by their f32 code ---- */
 /* fn(args, converted inputs, aux) calls the op's own function on f32 (or f64) tensors. */

@@ -3,28 +3,9 @@
 #include "internal.h"
 
 #include <math.h>
+#include <string.h>
 
-typedef struct { uint32_t c[4]; } philox_ctr;
-
-static inline uint32_t mulhilo(uint32_t a, uint32_t b, uint32_t *hi) {
-    uint64_t p = (uint64_t)a * b;
-    *hi = (uint32_t)(p >> 32);
-    return (uint32_t)p;
-}
-
-/* Philox4x32 with 10 rounds (Salmon et al., SC'11): counter (4 words) x key (2 words) -> 4 random words. */
-static philox_ctr philox(philox_ctr ctr, uint32_t k0, uint32_t k1) {
-    for (int r = 0; r < 10; r++) {
-        uint32_t hi0, hi1;
-        uint32_t lo0 = mulhilo(0xD2511F53u, ctr.c[0], &hi0);
-        uint32_t lo1 = mulhilo(0xCD9E8D57u, ctr.c[2], &hi1);
-        philox_ctr n = {{hi1 ^ ctr.c[1] ^ k0, lo1, hi0 ^ ctr.c[3] ^ k1, lo0}};
-        ctr = n;
-        k0 += 0x9E3779B9u;
-        k1 += 0xBB67AE85u;
-    }
-    return ctr;
-}
+#include "../kernels/fl_math.h"  /* fl_philox, shared with the CUDA kernels */
 
 /* FNV-1a, 64 bit: stable across builds, so a name always picks the same stream. */
 uint64_t fl_rng_hash_name(const char *name) {
@@ -35,22 +16,48 @@ uint64_t fl_rng_hash_name(const char *name) {
 
 /* Four words for element i of stream (seed, stream). The stream hash goes into the counter's high words so
  * that different names never share counters; the seed is the key. */
-static philox_ctr draw(uint64_t seed, uint64_t stream, uint64_t i) {
-    philox_ctr c = {{(uint32_t)i, (uint32_t)(i >> 32), (uint32_t)stream, (uint32_t)(stream >> 32)}};
-    return philox(c, (uint32_t)seed, (uint32_t)(seed >> 32));
+static fl_philox_ctr draw(uint64_t seed, uint64_t stream, uint64_t i) {
+    fl_philox_ctr c = {{(uint32_t)i, (uint32_t)(i >> 32), (uint32_t)stream, (uint32_t)(stream >> 32)}};
+    return fl_philox(c, (uint32_t)seed, (uint32_t)(seed >> 32));
 }
 
 /* Uniform in [0, 1) with 24 (f32) or 53 (f64) random bits. */
 static inline double u01_53(uint32_t a, uint32_t b) { return ((double)(((uint64_t)a << 21) ^ (b >> 11))) * 0x1p-53; }
 
 double fl_rng_uniform_at(uint64_t seed, uint64_t stream, uint64_t i) {
-    philox_ctr r = draw(seed, stream, i);
+    fl_philox_ctr r = draw(seed, stream, i);
     return u01_53(r.c[0], r.c[1]);
+}
+
+/* Word e & 3 of draw(seed, stream, e >> 2) for e in [first, first + n): 32 random bits per element at a
+ * quarter of a Philox call each. Counters are generated in chunks into a stack buffer by a branch-free loop
+ * (it vectorises), then the wanted words are copied out; the words depend only on the element index. */
+enum { RNG_CHUNK = 64 };  /* counters per chunk: 1 KiB of words on the stack */
+
+void fl_rng_bits_at(uint64_t seed, uint64_t stream, uint64_t first, int64_t n, uint32_t *out) {
+    uint32_t buf[4 * RNG_CHUNK], k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32), s0 = (uint32_t)stream, s1 = (uint32_t)(stream >> 32);
+    uint64_t c0 = first >> 2;
+    int64_t skip = (int64_t)(first & 3), done = 0;
+    while (done < n) {
+        int64_t nc = (skip + (n - done) + 3) / 4;
+        if (nc > RNG_CHUNK) nc = RNG_CHUNK;
+        for (int64_t c = 0; c < nc; c++) {
+            uint64_t x = c0 + (uint64_t)c;
+            fl_philox_ctr r = fl_philox((fl_philox_ctr){{(uint32_t)x, (uint32_t)(x >> 32), s0, s1}}, k0, k1);
+            buf[4 * c] = r.c[0]; buf[4 * c + 1] = r.c[1]; buf[4 * c + 2] = r.c[2]; buf[4 * c + 3] = r.c[3];
+        }
+        int64_t take = 4 * nc - skip;
+        if (take > n - done) take = n - done;
+        memcpy(out + done, buf + skip, (size_t)take * sizeof *out);
+        done += take;
+        c0 += (uint64_t)nc;
+        skip = 0;
+    }
 }
 
 /* Box-Muller on one element's own four words: one normal per element, so any element range is independent. */
 double fl_rng_normal_at(uint64_t seed, uint64_t stream, uint64_t i) {
-    philox_ctr r = draw(seed, stream, i);
+    fl_philox_ctr r = draw(seed, stream, i);
     double u1 = 1.0 - u01_53(r.c[0], r.c[1]); /* (0, 1]: log is finite */
     double u2 = u01_53(r.c[2], r.c[3]);
     return sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2);

@@ -1,5 +1,5 @@
-/* kernels/fl_math.h: scalar math of activations and norms, shared by the CPU loops (engine/ops_act.c,
- * engine/ops_norm.c) and the CUDA kernels, so both sides compute the same formula. f32 and f64 variants;
+/* kernels/fl_math.h: scalar math of activations and norms, and the Philox generator, shared by the CPU loops
+ * (engine/ops_act.c, engine/ops_norm.c, engine/rng.c) and the CUDA kernels, so both sides compute the same formula. f32 and f64 variants;
  * the f32 ones compute in f32 like PyTorch's CPU kernels (same formulas up to rounding). */
 #ifndef FL_MATH_H
 #define FL_MATH_H
@@ -108,6 +108,22 @@ FL_HD double fl_silu_grad_d(double x) { double s = fl_sigmoid_d(x); return s * (
  * LayerNorm dx = rstd * (g - mean(g) - xhat * mean(g * xhat)); RMSNorm is the same without the mean(g) term. */
 FL_HD double fl_norm_dx(double g, double xhat, double rstd, double mean_g, double mean_gx) {
     return rstd * (g - mean_g - xhat * mean_gx);
+}
+
+/* ---- Philox4x32-10 (Salmon et al., SC'11): counter (4 words) x key (2 words) -> 4 random words ----
+ * Branch-free 32x32->64 multiplies, so a loop over counters vectorises (one mask word per element of
+ * attention dropout stays cheap) and a CUDA thread computes the same words. */
+typedef struct { uint32_t c[4]; } fl_philox_ctr;
+
+FL_HD fl_philox_ctr fl_philox(fl_philox_ctr ctr, uint32_t k0, uint32_t k1) {
+    for (int r = 0; r < 10; r++) {
+        uint64_t p0 = (uint64_t)0xD2511F53u * ctr.c[0], p1 = (uint64_t)0xCD9E8D57u * ctr.c[2];
+        fl_philox_ctr n = {{(uint32_t)(p1 >> 32) ^ ctr.c[1] ^ k0, (uint32_t)p1, (uint32_t)(p0 >> 32) ^ ctr.c[3] ^ k1, (uint32_t)p0}};
+        ctr = n;
+        k0 += 0x9E3779B9u;
+        k1 += 0xBB67AE85u;
+    }
+    return ctr;
 }
 
 #endif

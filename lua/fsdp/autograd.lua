@@ -9,6 +9,7 @@
 local ffi    = require "ffi"
 local core   = require "fsdp.core"
 local Tensor = require "fsdp.tensor"
+local keys   = require "fsdp.dropout_keys"
 
 local C, own, ptr, is_tensor, wrap = core.C, Tensor.own, Tensor.ptr, Tensor.is_tensor, Tensor.wrap
 local M = {}
@@ -16,7 +17,8 @@ local M = {}
 local FL_ESTATE = -4   -- enum fl_status (constants are not visible through the FFI as Lua values)
 local FLOAT = {f32 = true, f64 = true, bf16 = true, f16 = true}
 
--- Checkpoint nodes still waiting for their backward: id -> {fn, args, nargs, tin, rg, outpos}.
+-- Checkpoint nodes still waiting for their backward: id -> {fn, args, nargs, tin, rg, outpos, keys}; keys is the
+-- dropout call counter when fn first ran.
 local pending, next_id = {}, 1
 -- True while a backward that keeps the graph (retain_graph) runs: its checkpoint entries must survive.
 local retaining = false
@@ -65,6 +67,7 @@ local function recompute(id, n_out, grad_out, n_in, grad_in)
     if e.rg[k] then d.requires_grad = true end
     args[i], copies[k] = d, d
   end
+  keys.set_counter(e.keys)   -- the dropouts in fn draw the forward's masks again (on_backward restores the counter)
   local outs = pack(e.fn(unpack(args, 1, e.nargs)))
   -- The outputs that have an incoming gradient and a graph: those are the roots of the nested backward.
   local roots, grads = {}, {}
@@ -101,10 +104,11 @@ local function recompute(id, n_out, grad_out, n_in, grad_in)
 end
 
 local function on_backward(id, n_out, grad_out, n_in, grad_in)
-  local was = C.fl_grad_is_enabled()
+  local was, calls = C.fl_grad_is_enabled(), keys.counter()
   C.fl_grad_set_enabled(true)
   local ok, err = pcall(recompute, id, n_out, grad_out, n_in, grad_in)
   C.fl_grad_set_enabled(was)
+  keys.set_counter(calls)   -- a recompute replays old keys; later forwards continue where they left off
   if ok then return 0 end
   -- An error must not unwind through the C engine: record it and let fl_backward return it.
   for k = 0, n_in - 1 do
@@ -124,7 +128,8 @@ local ins_n, ins_buf = 0, nil
 local outs_n, outs_buf = 0, nil
 
 -- checkpoint(fn, ...): fn(...) without keeping its intermediate tensors; backward runs fn again.
--- fn must be deterministic in its tensor arguments (dropout here takes explicit seeds, so it is). Its
+-- fn must be deterministic in its tensor arguments; its dropouts are made so by replaying the dropout key counter
+-- (fsdp.dropout_keys) from where it stood when fn first ran. Its
 -- floating-point tensor results come back detached and attached to one node; other results pass through.
 -- Tensors fn reaches other than through its arguments (parameters) get their .grad in the nested backward.
 function M.checkpoint(fn, ...)
@@ -134,7 +139,7 @@ function M.checkpoint(fn, ...)
   if not C.fl_grad_is_enabled() then return fn(...) end
   local nargs = select("#", ...)
   local args = {...}
-  local e = {fn = fn, args = {}, nargs = nargs, tin = {}, rg = {}, outpos = {}}
+  local e = {fn = fn, args = {}, nargs = nargs, tin = {}, rg = {}, outpos = {}, keys = keys.counter()}
   local any = false
   for i = 1, nargs do
     local a = args[i]

@@ -17,13 +17,15 @@
 --        mp       auto with mixed_precision = {param_dtype = "bf16", reduce_dtype = "f32"}
 --        ddp_mp   the same mixed precision by hand around DDP-style averaging: f32 master weights, bf16 copies
 --                 in the model, bf16 gradients cast to f32 and all-reduced (average) before clipping and AdamW
+--   dropout=P     (default 0) GPT-2: embd_pdrop = resid_pdrop = attn_pdrop = P; Llama: attention_dropout = P. The
+--                 model trains in train mode, so the masks (keyed by seed, rank and call) change the losses
 local fsdp = require "fsdp"
 local dist = require "fsdp.dist"
 local F    = require "fsdp.fsdp"
 local D    = require "dist"
 
 local out_dir = assert(arg[1], "usage: fsdp_parity.lua OUT_DIR model=... mode=...")
-local opt = {model = "gpt2", mode = "auto", steps = "6", max_norm = "0.2"}
+local opt = {model = "gpt2", mode = "auto", steps = "6", max_norm = "0.2", dropout = "0"}
 for i = 2, #arg do
   local k, v = arg[i]:match("^([%w_]+)=(.*)$")
   assert(k and opt[k] ~= nil, "bad option " .. arg[i])
@@ -46,6 +48,11 @@ local SHAPES = {
 }
 local over = {tie_word_embeddings = kind[2]}
 for k, v in pairs(SHAPES[mt]) do over[k] = v end
+local pdrop = assert(tonumber(opt.dropout), "dropout must be a number")
+if pdrop > 0 then   -- tiny_config sets every dropout to 0
+  if mt == "gpt2" then over.embd_pdrop, over.resid_pdrop, over.attn_pdrop = pdrop, pdrop, pdrop
+  else over.attention_dropout = pdrop end
+end
 local cfg = fsdp.models.tiny_config(mt, over)
 local sharded = opt.mode ~= "single" and opt.mode ~= "ddp" and opt.mode ~= "ddp_accum" and opt.mode ~= "ddp_mp"
 -- FSDP builds on meta: each rank initialises only its rows, which must equal the full initialisation.

@@ -1,11 +1,13 @@
 -- lua/fsdp/nn/attention.lua: Llama-family causal self-attention: q/k/v/o Linear projections (optional biases),
 -- grouped-query attention (nKV kv heads shared by nH/nKV query heads each), RoPE on q and k, optional sliding
--- window. Reshapes [B, T, nH*hd] <-> [B, T, nH, hd] are free views.
+-- window, attention_dropout on the probabilities inside the fused op in training mode (masks keyed by
+-- fsdp.dropout_keys). Reshapes [B, T, nH*hd] <-> [B, T, nH, hd] are free views.
 local core   = require "fsdp.core"
 local Module = require "fsdp.nn.module"
 local Linear = require "fsdp.nn.linear"
 local basic  = require "fsdp.ops.basic"
 local ops    = require "fsdp.nn.ops"
+local keys   = require "fsdp.dropout_keys"
 
 local Attention = Module.class("Attention")
 local OPTS = {num_heads = true, num_kv_heads = true, head_dim = true, bias = true, o_bias = true, rope_theta = true,
@@ -27,6 +29,10 @@ function Attention.new(hidden, opts)
   self.rotary_dim = opts.rotary_dim or hd
   self.window = opts.window or 0
   self.dropout = opts.dropout or 0
+  if type(self.dropout) ~= "number" or not (self.dropout >= 0 and self.dropout < 1) then
+    error(("Attention: dropout (attention_dropout) must be a number in [0, 1), got %s"):format(tostring(opts.dropout)), 2)
+  end
+  self.dropout_seed = opts.seed or 0
   self.scale = 1 / math.sqrt(hd)
   local bias = opts.bias and true or false
   local o_bias = bias
@@ -42,10 +48,6 @@ end
 
 -- x [B, T, H]; pos: optional i64 [T] positions (default 0..T-1) -> [B, T, H]
 function Attention:forward(x, pos)
-  if self.training and self.dropout > 0 then
-    error(("Attention: attention dropout (%g) is not supported by the fused attention; set attention_dropout = 0 "
-           .. "or call eval()"):format(self.dropout), 2)
-  end
   local xp = x._p
   local B, T = tonumber(xp.shape[0]), tonumber(xp.shape[1])
   local nh, nkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
@@ -57,7 +59,8 @@ function Attention:forward(x, pos)
   local kr = ops.rope(kh, pos, self.rope_theta, self.rotary_dim); kh:free()
   local v = self.v_proj(x)
   local vh = basic.view(v, {B, T, nkv, hd}); v:free()
-  local o = ops.attention(qr, kr, vh, self.scale, self.window)
+  local p = self.training and self.dropout or 0
+  local o = ops.attention(qr, kr, vh, self.scale, self.window, p, self.dropout_seed, p > 0 and keys.next() or 0)
   qr:free(); kr:free(); vh:free()
   local merged = basic.view(o, {B, T, nh * hd}); o:free()
   local out = self.o_proj(merged)

@@ -1,14 +1,13 @@
 -- lua/fsdp/nn/dropout.lua: inverted dropout in training mode, identity in eval mode or with p = 0. Masks come from
--- the counter-based RNG keyed by (seed, call counter), so a run is reproducible from its seed.
+-- the counter-based RNG keyed by (seed, rank, call counter) (fsdp.dropout_keys), so a run is reproducible from its
+-- seed and ranks draw different masks.
 local core   = require "fsdp.core"
 local Module = require "fsdp.nn.module"
 local ops    = require "fsdp.nn.ops"
+local keys   = require "fsdp.dropout_keys"
 
 local Dropout = Module.class("Dropout")
 local OPTS = {seed = true}
-
--- One counter for all dropout modules of the process: every call draws a fresh mask.
-local calls = 0
 
 function Dropout.new(p, opts)
   opts = core.check_opts("Dropout", opts, OPTS, 2)
@@ -22,8 +21,7 @@ end
 
 function Dropout:forward(x)
   if not self.training or self.p == 0 then return x end
-  calls = calls + 1
-  return ops.dropout(x, self.p, self.seed, calls)
+  return ops.dropout(x, self.p, self.seed, keys.next())
 end
 
 function Dropout:extra_repr() return ("p=%g"):format(self.p) end

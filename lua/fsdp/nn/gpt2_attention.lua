@@ -1,12 +1,14 @@
 -- lua/fsdp/nn/gpt2_attention.lua: GPT-2 causal self-attention: fused c_attn (Conv1D [H, 3H], columns Q | K | V,
 -- head h at columns h*hd..) and c_proj (Conv1D [H, H]). q, k and v are strided views of c_attn's output, passed
--- straight to the fused attention op: no copies.
+-- straight to the fused attention op: no copies. attn_pdrop drops attention probabilities inside that op in
+-- training mode (the attn_dropout module holds p and the seed, as Hugging Face's holds nn.Dropout).
 local core    = require "fsdp.core"
 local Module  = require "fsdp.nn.module"
 local Conv1D  = require "fsdp.nn.conv1d"
 local Dropout = require "fsdp.nn.dropout"
 local basic   = require "fsdp.ops.basic"
 local ops     = require "fsdp.nn.ops"
+local keys    = require "fsdp.dropout_keys"
 
 local GPT2Attention = Module.class("GPT2Attention")
 local OPTS = {n_head = true, attn_pdrop = true, resid_pdrop = true, scale_attn_weights = true, layer_idx = true,
@@ -37,10 +39,6 @@ end
 
 -- x [B, T, H] -> [B, T, H]
 function GPT2Attention:forward(x)
-  if self.training and self.attn_dropout.p > 0 then
-    error(("GPT2Attention: attention-probability dropout (attn_pdrop = %g) is not supported by the fused attention; "
-           .. "set attn_pdrop = 0 or call eval()"):format(self.attn_dropout.p), 2)
-  end
   local xp = x._p
   local B, T = tonumber(xp.shape[0]), tonumber(xp.shape[1])
   local nh, hd = self.n_head, self.head_dim
@@ -51,7 +49,9 @@ function GPT2Attention:forward(x)
   local k = basic.narrow(heads, 3, nh + 1, nh)
   local v = basic.narrow(heads, 3, 2 * nh + 1, nh)
   heads:free()
-  local o = ops.attention(q, k, v, self.scale, 0)     -- [B, T, nH, hd] contiguous
+  local drop = self.attn_dropout
+  local p = drop.training and drop.p or 0
+  local o = ops.attention(q, k, v, self.scale, 0, p, drop.seed, p > 0 and keys.next() or 0)  -- [B, T, nH, hd] contiguous
   q:free(); k:free(); v:free()
   local merged = basic.view(o, {B, T, nh * hd})
   o:free()

@@ -31,8 +31,13 @@ function M.rope(x, pos, theta, rot_dim)
   return own(C.fl_rope(ptr(x, "rope", 1), pos and pos._p or nil, theta, rot_dim), "rope")
 end
 
--- q [B, T, nH, hd], k/v [B, T, nKV, hd] (strided views allowed) -> [B, T, nH, hd] contiguous.
-function M.attention(q, k, v, scale, window)
+-- q [B, T, nH, hd], k/v [B, T, nKV, hd] (strided views allowed) -> [B, T, nH, hd] contiguous. p > 0: dropout on
+-- the attention probabilities with the mask of (seed, key).
+function M.attention(q, k, v, scale, window, p, seed, key)
+  if p and p > 0 then
+    return own(C.fl_attention_dropout(ptr(q, "attention", 1), ptr(k, "attention", 2), ptr(v, "attention", 3), scale,
+                                      window or 0, p, seed, key), "attention")
+  end
   return own(C.fl_attention(ptr(q, "attention", 1), ptr(k, "attention", 2), ptr(v, "attention", 3), scale, window or 0),
              "attention")
 end

@@ -102,6 +102,21 @@ function M.attention(q, k, v, scale, window)
                             num("attention", "window", window, 0)), "attention")
 end
 
+-- attention_dropout(q, k, v, scale, window, p, seed, key): the same with dropout on the attention probabilities,
+-- as torch eager: probability (b, h, i, j) kept iff the uniform of (seed, key, b, h, i, j) is >= p, kept values
+-- scaled by 1/(1-p); the softmax normalisation is of the un-dropped probabilities. p = 0 is attention().
+function M.attention_dropout(q, k, v, scale, window, p, seed, key)
+  local qp = ptr(q, "attention_dropout", 1)
+  local hd = qp.ndim == 4 and tonumber(qp.shape[3]) or 1
+  p = num("attention_dropout", "p", p)
+  if not (p >= 0 and p < 1) then error(("attention_dropout: p must be in [0, 1), got %g"):format(p), 2) end
+  if type(seed) ~= "number" and type(seed) ~= "cdata" then error("attention_dropout: seed must be a number", 2) end
+  if type(key) ~= "number" and type(key) ~= "cdata" then error("attention_dropout: key must be a number", 2) end
+  return own(C.fl_attention_dropout(qp, ptr(k, "attention_dropout", 2), ptr(v, "attention_dropout", 3),
+                                    num("attention_dropout", "scale", scale, 1 / math.sqrt(hd)),
+                                    num("attention_dropout", "window", window, 0), p, seed, key), "attention_dropout")
+end
+
 -- ---- indexing for MoE ----
 
 local idx_out = ffi.new("fl_tensor *[1]")
