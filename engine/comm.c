@@ -71,6 +71,15 @@ static double comm_time = 0;               /* under mu: the calling threads' tim
 static double busy_time = 0;               /* under mu: the communication thread's time executing them */
 static volatile bool skip_comm = false;
 
+/* Peers that have left the job (comm_mpi.c's departure channel), by world rank. A wait that involves one of
+ * them fails once DEPARTURE_GRACE_S have passed since both the departure and the wait began: long enough for a
+ * collective the peer did finish before leaving to complete here too, short against the timeout. */
+static const double DEPARTURE_GRACE_S = 2.0, WAIT_SLICE_S = 0.1;
+static pthread_mutex_t departed_mu = PTHREAD_MUTEX_INITIALIZER;   /* serialises polls of the channel */
+static double *departed_at = NULL;                                 /* [world size]: 0, or when it was seen */
+static int32_t departed_member(const fl_comm *c, double *since);
+static void departed_abort(int32_t gone, const char *what, const char *group);
+
 static double now_s(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -493,6 +502,8 @@ int fl_dist_init(double timeout_s) {
     if (!world) return FL_ENOMEM;
     for (int32_t i = 0; i < size; i++) world->granks[i] = i;
     world->world = true;
+    departed_at = calloc((size_t)size, sizeof *departed_at);
+    if (!departed_at) return fl_fail(FL_ENOMEM, "dist_init: out of memory");
     pthread_condattr_t ca;
     pthread_condattr_init(&ca);
     pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
@@ -517,13 +528,22 @@ int fl_dist_finalize(void) {
     if (use_mpi) {
         /* The thread finishes what was issued first (operations nobody waited for included); one still pending
          * past the world's timeout aborts the job like a wait would. */
-        double deadline = now_s() + world->timeout;
+        fl_mpi_announce_exit();   /* first: a peer waiting for us in a collective fails now, not at its timeout */
+        double start = now_s(), deadline = start + world->timeout;
         pthread_mutex_lock(&mu);
         q_stop = true;
         pthread_cond_signal(&q_cond);
         while (inflight > 0 && now_s() < deadline) {
-            struct timespec ts = abs_time(deadline);
-            pthread_cond_timedwait(&done_cond, &mu, &ts);
+            double since = 0;
+            pthread_mutex_unlock(&mu);
+            int32_t gone = departed_member(NULL, &since);
+            pthread_mutex_lock(&mu);
+            if (gone >= 0 && inflight > 0 && now_s() >= fmax(since, start) + DEPARTURE_GRACE_S) {
+                pthread_mutex_unlock(&mu);
+                departed_abort(gone, "finalize (operations issued but not waited for)", "world");
+            }
+            struct timespec ts = abs_time(fmin(deadline, now_s() + WAIT_SLICE_S));
+            if (inflight > 0) pthread_cond_timedwait(&done_cond, &mu, &ts);
         }
         int64_t stuck = inflight;
         pthread_mutex_unlock(&mu);
@@ -538,6 +558,8 @@ int fl_dist_finalize(void) {
         pthread_cond_destroy(&done_cond);
         rc = fl_mpi_finalize(world->mpi);
         use_mpi = false;
+        free(departed_at);
+        departed_at = NULL;
     }
     comm_free(world);
     world = NULL;
@@ -605,17 +627,53 @@ static void timeout_abort(const fl_work *w) {
     fl_dist_abort(1, msg);
 }
 
-/* Blocks until w is done or its group's timeout (from issue) passes, which aborts the job. Returns w's rc. */
+/* Reads the departure channel; returns the first member of c (or of the world, c NULL) known to have left,
+ * as a world rank, with *since the time it was seen; -1 when none has. */
+static int32_t departed_member(const fl_comm *c, double *since) {
+    if (!use_mpi || !departed_at) return -1;
+    pthread_mutex_lock(&departed_mu);
+    for (int32_t r; (r = fl_mpi_poll_departed()) >= 0;)
+        if (r < world->size && departed_at[r] == 0) departed_at[r] = now_s();
+    int32_t gone = -1;
+    int32_t n = c ? c->size : world->size;
+    for (int32_t i = 0; i < n && gone < 0; i++) {
+        int32_t g = c ? c->granks[i] : i;
+        if (departed_at[g] > 0) { gone = g; *since = departed_at[g]; }
+    }
+    pthread_mutex_unlock(&departed_mu);
+    return gone;
+}
+
+static void departed_abort(int32_t gone, const char *what, const char *group) {
+    char msg[ERR_LEN];
+    snprintf(msg, sizeof msg, "fsdp: rank %d has exited while rank %d waits in %s on group '%s' (every rank must run "
+             "the same collectives: e.g. the same number of steps)", gone, world->rank, what, group);
+    fl_dist_abort(1, msg);
+}
+
+/* Blocks until w is done; aborts the job when its group's timeout (from issue) passes, or a member of the group
+ * has left the job and the collective has not completed within the grace period. Returns w's rc. */
 static int wait_done(fl_work *w) {
+    double start = now_s();
     pthread_mutex_lock(&mu);
     while (!w->done) {
-        double deadline = w->t_issue + w->comm->timeout;
-        if (now_s() >= deadline) {
+        double t = now_s(), deadline = w->t_issue + w->comm->timeout;
+        if (t >= deadline) {
             pthread_mutex_unlock(&mu);
             timeout_abort(w);
         }
-        struct timespec ts = abs_time(deadline);
-        pthread_cond_timedwait(&done_cond, &mu, &ts);
+        if (w->comm->mpi) {
+            double since = 0;
+            pthread_mutex_unlock(&mu);
+            int32_t gone = departed_member(w->comm, &since);
+            pthread_mutex_lock(&mu);
+            if (gone >= 0 && !w->done && now_s() >= fmax(since, start) + DEPARTURE_GRACE_S) {
+                pthread_mutex_unlock(&mu);
+                departed_abort(gone, w->kind == OP_CHECK ? w->what : op_names[w->kind], w->comm->name);
+            }
+        }
+        struct timespec ts = abs_time(fmin(deadline, t + WAIT_SLICE_S));
+        if (!w->done) pthread_cond_timedwait(&done_cond, &mu, &ts);
     }
     pthread_mutex_unlock(&mu);
     if (w->rc < 0) return fl_fail(w->rc, "%s", w->err);

@@ -7,6 +7,7 @@
 #include <limits.h>
 #include <mpi.h>
 #include <stdio.h>
+#include <time.h>
 
 
 typedef struct mpi_group {
@@ -17,6 +18,15 @@ typedef struct mpi_group {
  * buffer may hold up to INT_MAX elements. */
 static MPI_Datatype elem_types[4];
 static bool mpi_up = false;
+
+/* The departure channel: a communicator of its own on which a rank that leaves the job (end of script,
+ * os.exit(0)) tells every other rank, so that a peer still waiting for it in a collective fails within seconds
+ * instead of after the timeout. One receive from any rank is always posted; the main thread tests it while it
+ * waits (MPI_THREAD_MULTIPLE), never concurrently with itself (comm.c serialises the calls). */
+enum { TAG_LEFT = 1 };
+static MPI_Comm ctl = MPI_COMM_NULL;
+static MPI_Request ctl_req = MPI_REQUEST_NULL;
+static int ctl_buf = 0;
 
 static int mpi_fail(int err, const char *call) {
     char s[MPI_MAX_ERROR_STRING];
@@ -72,6 +82,11 @@ int fl_mpi_init(void **world, int32_t *rank, int32_t *size) {
     int r = 0, s = 1;
     MPI_Comm_rank(g->comm, &r);
     MPI_Comm_size(g->comm, &s);
+    rc = MPI_Comm_dup(MPI_COMM_WORLD, &ctl);
+    if (rc != MPI_SUCCESS) { MPI_Comm_free(&g->comm); free(g); return mpi_fail(rc, "MPI_Comm_dup"); }
+    MPI_Comm_set_errhandler(ctl, MPI_ERRORS_RETURN);
+    rc = MPI_Irecv(&ctl_buf, 1, MPI_INT, MPI_ANY_SOURCE, TAG_LEFT, ctl, &ctl_req);
+    if (rc != MPI_SUCCESS) { MPI_Comm_free(&ctl); MPI_Comm_free(&g->comm); free(g); return mpi_fail(rc, "MPI_Irecv"); }
     *world = g;
     *rank = r;
     *size = s;
@@ -79,9 +94,47 @@ int fl_mpi_init(void **world, int32_t *rank, int32_t *size) {
     return FL_OK;
 }
 
+/* Tells every other rank that this one is leaving. Best effort within about a second: the 4-byte messages
+ * go out eagerly, so their sends complete at once unless the job is already coming down. */
+void fl_mpi_announce_exit(void) {
+    if (!mpi_up) return;
+    int me = 0, n = 1;
+    MPI_Comm_rank(ctl, &me);
+    MPI_Comm_size(ctl, &n);
+    MPI_Request *reqs = calloc((size_t)n, sizeof *reqs);
+    if (!reqs) return;
+    int posted = 0;
+    for (int r = 0; r < n; r++)
+        if (r != me && MPI_Isend(&me, 1, MPI_INT, r, TAG_LEFT, ctl, &reqs[posted]) == MPI_SUCCESS) posted++;
+    for (int tries = 0; tries < 1000; tries++) {
+        int all = 0;
+        if (MPI_Testall(posted, reqs, &all, MPI_STATUSES_IGNORE) != MPI_SUCCESS || all) break;
+        struct timespec ts = {0, 1000000};
+        nanosleep(&ts, NULL);
+    }
+    free(reqs);
+}
+
+/* World rank of a peer that has announced its exit since the last call, or -1. */
+int32_t fl_mpi_poll_departed(void) {
+    if (!mpi_up || ctl_req == MPI_REQUEST_NULL) return -1;
+    int flag = 0;
+    MPI_Status st;
+    if (MPI_Test(&ctl_req, &flag, &st) != MPI_SUCCESS || !flag) return -1;
+    int32_t who = ctl_buf;
+    if (MPI_Irecv(&ctl_buf, 1, MPI_INT, MPI_ANY_SOURCE, TAG_LEFT, ctl, &ctl_req) != MPI_SUCCESS)
+        ctl_req = MPI_REQUEST_NULL;
+    return who;
+}
+
 int fl_mpi_finalize(void *world) {
     if (!mpi_up) return FL_OK;
     fl_mpi_free(world);
+    if (ctl_req != MPI_REQUEST_NULL) {
+        MPI_Cancel(&ctl_req);
+        MPI_Wait(&ctl_req, MPI_STATUS_IGNORE);
+    }
+    MPI_Comm_free(&ctl);
     for (int i = 0; i < 4; i++) MPI_Type_free(&elem_types[i]);
     mpi_up = false;
     int rc = MPI_Finalize();
