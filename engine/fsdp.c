@@ -140,8 +140,8 @@ fl_fsdp_unit *fl_fsdp_unit_new(fl_fsdp_group *g, const char *name, fl_comm *shar
     if (!g || !shard) return fl_fail_null(FL_EINVAL, "fully_shard %s: needs a group and a shard process group", name);
     bool float_dt = param_dtype == FL_F32 || param_dtype == FL_F64 || param_dtype == FL_BF16 || param_dtype == FL_F16;
     if (!float_dt) return fl_fail_null(FL_EINVAL, "fully_shard %s: param_dtype %s (f32, f64, bf16 or f16)", name, fl_dtype_name(param_dtype));
-    if (reduce_dtype != FL_F32 && reduce_dtype != FL_F64 && reduce_dtype != FL_BF16)
-        return fl_fail_null(FL_EINVAL, "fully_shard %s: reduce_dtype %s (f32, f64 or bf16)", name, fl_dtype_name(reduce_dtype));
+    if (reduce_dtype != FL_F32 && reduce_dtype != FL_F64 && reduce_dtype != FL_BF16 && reduce_dtype != FL_F16)
+        return fl_fail_null(FL_EINVAL, "fully_shard %s: reduce_dtype %s (f32, f64, bf16 or f16)", name, fl_dtype_name(reduce_dtype));
     for (int32_t i = 0; i < n; i++) {
         const fl_tensor *t = full[i];
         if (t->grad_fn || !t->requires_grad)

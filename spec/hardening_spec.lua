@@ -100,3 +100,76 @@ describe("configs", function()
     assert.matches("config: gpt2: n_layer must be a positive integer, got -1", err_of(fsdp.models.build, cfg), 1, true)
   end)
 end)
+
+describe("sharding a model", function()
+  local function meta_model() return fsdp.models.build(fsdp.models.tiny_config("gpt2"), {device = "meta", seed = 3}) end
+  local ids = fsdp.tensor({{1, 2, 3, 4}}, {dtype = "i64"})
+
+  it("apply_plan is atomic: a failing plan leaves the model as it was and a retry works", function()
+    local model = meta_model()
+    local before = {}
+    for name, p in model:named_parameters() do before[name] = p end
+    local bad = {
+      {mode = "manual", modules = {["transformer.h.*"] = "free_full_weight", ["nope.*"] = "free_full_weight"}},
+      {mode = "manual", modules = {["transformer.h.*"] = {"free_full_weight", mixed_precision = {param_dtype = "f8"}}}},
+    }
+    for _, plan in ipairs(bad) do
+      assert.is_false(pcall(fsdp.apply_plan, model, plan, {seed = 3}))
+      assert.is_nil(require("fsdp.fsdp").group(model))
+      for name, p in model:named_parameters() do
+        assert.equal(before[name], p, name)            -- the same tensor objects, none replaced by a shard
+        assert.equal("meta", p.device, name)
+      end
+    end
+    assert.is_false(pcall(fsdp.apply_plan, model, "auto", {seed = 3, mixed_precision = {param_dtype = "f8"}}))
+    fsdp.apply_plan(model, "auto", {seed = 3})
+    local ref = fsdp.models.build(fsdp.models.tiny_config("gpt2"), {seed = 3})
+    assert.equal(ref(ids, {labels = ids}).loss:item(), model(ids, {labels = ids}).loss:item())
+  end)
+
+  it("explain and apply_plan accept the same options (f16 included) and reject the same ones", function()
+    for _, dt in ipairs {"f16", "bf16"} do
+      local opts = {mixed_precision = {param_dtype = dt, reduce_dtype = dt}}
+      local ex = fsdp.explain(meta_model(), "auto", 2, opts)
+      assert.equal(dt, ex.units[1].mixed_precision.param_dtype)
+      local model = meta_model()
+      fsdp.apply_plan(model, "auto", {seed = 3, mixed_precision = opts.mixed_precision})
+      local loss = model(ids, {labels = ids}).loss
+      loss:backward()
+      assert.is_true(loss:item() > 0)
+    end
+    local bad = {mixed_precision = {param_dtype = "f8"}}
+    local e1 = err_of(fsdp.explain, meta_model(), "auto", 2, bad)
+    local e2 = err_of(fsdp.apply_plan, meta_model(), "auto", bad)
+    assert.matches("mixed_precision.param_dtype: unknown dtype 'f8'", e1, 1, true)
+    assert.equal(e1:gsub("^.-:%d+: ", ""), (e2:gsub("^.-:%d+: ", "")))
+  end)
+
+  it("plan errors point at the user's line", function()
+    local e = err_of(fsdp.apply_plan, meta_model(), {mode = "manual", modules = {["nope.*"] = "free_full_weight"}})
+    -- pcall calls apply_plan directly, so the error points at the first frame outside the library: none, or ours
+    assert.is_nil(e:find("lua/fsdp/", 1, true), e)
+    local line
+    local ok, e2 = pcall(function()
+      line = debug.getinfo(1, "l").currentline + 1
+      fsdp.explain(meta_model(), {mode = "manual", modules = {["nope.*"] = "free_full_weight"}}, 2)
+    end)
+    assert.is_false(ok)
+    assert.matches("hardening_spec.lua:" .. line .. ": plan: manual: pattern 'nope.*' matches no module", e2, 1, true)
+    local ok3, e3 = pcall(function() fsdp.fully_shard(meta_model(), {mp_policy = {param_dtype = 1}}) end)
+    assert.is_false(ok3)
+    assert.matches("hardening_spec.lua:%d+: plan: fully_shard: mixed_precision.param_dtype: unknown dtype '1'", e3)
+  end)
+
+  it("fully_shard on meta without materialize errors at the first forward instead of training from zeros", function()
+    local model = meta_model()
+    for _, m in model:named_modules() do if m.is_block then fsdp.fully_shard(m) end end
+    fsdp.fully_shard(model)
+    local e = err_of(function() return model(ids, {labels = ids}) end)
+    assert.matches("was sharded on meta and is not initialised: call model:materialize{seed = ...}", e, 1, true)
+    assert.matches("hardening_spec.lua:%d+:", e)
+    model:materialize{seed = 3}
+    local ref = fsdp.models.build(fsdp.models.tiny_config("gpt2"), {seed = 3})
+    assert.equal(ref(ids, {labels = ids}).loss:item(), model(ids, {labels = ids}).loss:item())
+  end)
+end)

@@ -28,6 +28,27 @@ local C = M.C
 
 function M.last_error() return ffi.string(C.fl_last_error()) end
 
+ffi.cdef "int getpid(void);"
+-- A temporary name beside `path`, unique to this process: ranks that write the same file at once (DDP replicas
+-- saving) each write their own and rename it into place, and no reader ever sees a half-written file.
+function M.tmp_name(path) return ("%s.tmp.%d"):format(path, ffi.C.getpid()) end
+
+-- The library's own directory: errors raised with M.raise point at the first caller outside it.
+local LIB_PREFIX = debug.getinfo(1, "S").source:match("^(@.*/)fsdp/core%.lua$") or "@lua/"
+
+-- raise(msg): error(msg) at the user's line: the innermost stack frame that is neither the library's Lua
+-- (lua/fsdp/) nor C, however deep inside the library the check ran. One rule instead of counted levels.
+function M.raise(msg)
+  local level = 2
+  while true do
+    local info = debug.getinfo(level, "S")
+    if not info then level = 1; break end   -- called from the library alone (e.g. the REPL): no position
+    if info.what ~= "C" and info.source:sub(1, #LIB_PREFIX) ~= LIB_PREFIX then break end
+    level = level + 1
+  end
+  error(msg, level)
+end
+
 -- Raises the engine's message at the caller's caller (the user's line).
 function M.fail(what, level)
   error(what .. ": " .. M.last_error(), (level or 2) + 1)

@@ -46,6 +46,8 @@
 -- otherwise in module order, which is forward order for the built-in models; the root is last.
 local M = {}
 
+local core = require "fsdp.core"
+
 local FLOAT_DTYPES = {f32 = true, f64 = true, bf16 = true, f16 = true}
 local MP_KEYS = {param_dtype = true, reduce_dtype = true, output_dtype = true}
 local OPTION_KEYS = {free_full_weight = true, keep_full_weight = true, cpu_offload = true, mixed_precision = true}
@@ -71,7 +73,7 @@ end
 local function protect(fn, ...)
   local r = {pcall(fn, ...)}
   if r[1] then return unpack(r, 2, table.maxn(r)) end
-  if getmetatable(r[2]) == PlanError then error(r[2].msg, 3) end
+  if getmetatable(r[2]) == PlanError then core.raise(r[2].msg) end
   error(r[2], 0)
 end
 
@@ -607,6 +609,13 @@ local function resolve(model, plan, opts)
     specs = specs_from_function(tree, ptable.modules)
   end
   return build_units(tree, specs, d), tree
+end
+
+-- mixed_precision(mp, where) -> a checked copy of a {param_dtype =, reduce_dtype =, output_dtype =} table (nil
+-- and false pass through): the one check apply_plan, explain and fully_shard share.
+function M.mixed_precision(mp, where)
+  local out = protect(parse_mp, mp, where)
+  return out
 end
 
 -- resolve(model, plan, opts) -> list of units (see the top of this file), bottom-up, the root last. Each unit:

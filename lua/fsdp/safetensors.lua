@@ -237,7 +237,7 @@ function M.write_header(path, text)
   if not ok then error(("safetensors: cannot write the header of '%s': %s"):format(path, tostring(werr)), 2) end
 end
 
--- save(path, {name = Tensor}, metadata): a spec-conformant file written to path..".tmp" and renamed into place,
+-- save(path, {name = Tensor}, metadata): a spec-conformant file written to a temporary name (core.tmp_name) and renamed into place,
 -- so a crash never leaves a half-written file under the final name. Tensors keep their dtype.
 function M.save(path, tensors, metadata)
   if type(path) ~= "string" then error(("safetensors.save: path must be a string, got %s"):format(type(path)), 2) end
@@ -257,10 +257,17 @@ function M.save(path, tensors, metadata)
     end
     if not Tensor.is_tensor(t) then error(("safetensors.save: '%s' is not a tensor (%s)"):format(name, type(t)), 2) end
     if not t:has_data() then error(("safetensors.save: tensor '%s' %s has no data (meta or released)"):format(name, t:shape_str()), 2) end
+    local shard = Tensor.shard_info(t)
+    if shard and shard.numel ~= t:numel() then
+      -- an FSDP shard under a full parameter's name would be a silently wrong checkpoint
+      core.raise(("safetensors.save: '%s' %s is this rank's FSDP shard (elements %d.. of %d), not the whole tensor: "
+                  .. "save model:full_state_dict() (or save_pretrained, which gathers)"):format(
+                  name, t:shape_str(), shard.offset, shard.numel))
+    end
     specs[#specs + 1] = {name = name, dtype = t.dtype, shape = t:shape(), t = t}
   end
   local layout, text, data_start = M.plan(specs, metadata)
-  local tmp = path .. ".tmp"
+  local tmp = core.tmp_name(path)
   M.write_header(tmp, text)
   for _, l in ipairs(layout) do
     local t = tensors[l.name]

@@ -24,21 +24,27 @@ local function comms_of(mesh)
   return d.mesh_comms(mesh)
 end
 
-local DTYPES = {f32 = true, f64 = true, bf16 = true}
+-- A resolved mixed_precision table (checked by fsdp.plan) -> param, reduce and output dtypes.
+local function mp_dtypes(mp)
+  if not mp then return "f32", "f32", nil end
+  return mp.param_dtype or "f32", mp.reduce_dtype or "f32", mp.output_dtype
+end
 
-local function mp_dtypes(mp, what)
-  if mp == nil then return "f32", "f32", nil end
-  local pd, rd, od = mp.param_dtype or "f32", mp.reduce_dtype or "f32", mp.output_dtype
-  for k, v in pairs {param_dtype = pd, reduce_dtype = rd, output_dtype = od} do
-    if v ~= nil and not DTYPES[v] then
-      error(("%s: mixed_precision.%s '%s' (valid: f32, f64, bf16)"):format(what, k, tostring(v)), 4)
+-- fully_shard on meta leaves the shards for model:materialize to fill; a forward before that would train from
+-- zeros, so the unit's first forward checks (once) that every such shard was initialised.
+local function check_initialized(u)
+  for i, shard in ipairs(u.shards) do
+    if Module.shard_init_offset[shard] ~= nil then
+      core.raise(("fsdp %s: parameter '%s' was sharded on meta and is not initialised: call "
+                  .. "model:materialize{seed = ...} after fully_shard, before the first forward"):format(u.name, u.params[i][1]))
     end
   end
-  return pd, rd, od
+  u.uninitialized = nil
 end
 
 -- Runs the module under its unit: unshard before, pre-backward node on the output after.
 local function call_sharded(self, u, x, ...)
+  if u.uninitialized then check_initialized(u) end
   core.check(C.fl_fsdp_pre_forward(u.ptr), "fsdp " .. u.name, 3)
   local out = u.forward_call(self, x, ...)
   if Tensor.is_tensor(out) and out.requires_grad then
@@ -61,7 +67,7 @@ end
 -- modules `mods`. Shards of meta parameters are initialised from their init spec for this rank's rows only.
 local function make_unit(group, spec, params, mods, opts)
   local shard_comm, rep_comm = comms_of(opts.mesh)
-  local pd, rd, od = mp_dtypes(spec.mixed_precision, "fully_shard " .. spec.name)
+  local pd, rd, od = mp_dtypes(spec.mixed_precision)
   local n = #params
   local arr = ffi.new("fl_tensor *[?]", math.max(n, 1))
   for i, e in ipairs(params) do arr[i - 1] = e[2]._p end
@@ -80,6 +86,7 @@ local function make_unit(group, spec, params, mods, opts)
       if e[6] then
         -- fully_shard on a submodule does not know the full dotted names: model:materialize{seed=} initialises
         Module.shard_init_offset[shard] = offset
+        u.uninitialized = true
       else
         local init = e[3]._param_init[e[4]]
         if init[1] ~= "keep" and shard:numel() > 0 then Module.init_values(shard, init, seed, e[1], offset) end
@@ -90,10 +97,7 @@ local function make_unit(group, spec, params, mods, opts)
     u.shards[i] = shard
   end
   group.units[#group.units + 1] = u
-  for _, m in ipairs(mods) do
-    if rawget(m, "_fsdp_unit") then
-      error(("fully_shard %s: module already belongs to unit %s"):format(spec.name, m._fsdp_unit.name), 3)
-    end
+  for _, m in ipairs(mods) do   -- the callers checked that no module belongs to a unit yet
     rawset(m, "_fsdp_unit", u)
     unit_of_module[m] = u
   end
@@ -123,23 +127,54 @@ end
 
 local APPLY_OPTS = {mesh = true, seed = true, mixed_precision = true, cpu_offload = true, reshard_after_forward = true}
 
+-- Every rank must shard the same units the same way, or the units' collectives would pair different tensors:
+-- all-gathers (count, elements, a hash of names and shapes) over the shard group and names the first rank
+-- that differs, before anything is sharded.
+local function check_same_units(units, params, mesh)
+  local shard_comm = comms_of(mesh)
+  if C.fl_comm_size(shard_comm) == 1 then return end
+  local h, numel = 5381, 0
+  local function mix(str) for i = 1, #str do h = (h * 33 + str:byte(i)) % 2147483647 end end
+  for _, spec in ipairs(units) do
+    mix(spec.name)
+    for _, pn in ipairs(spec.params) do
+      local t = params[pn][2]
+      mix(pn .. table.concat(t:shape(), "x"))
+      numel = numel + t:numel()
+    end
+  end
+  local mine = Tensor.new({#units, numel, h}, {dtype = "i64"})
+  local n = C.fl_comm_size(shard_comm)
+  local all = Tensor.zeros({n * 3}, {dtype = "i64"})
+  core.check(C.fl_all_gather(shard_comm, all._p, mine._p), "apply_plan", 3)
+  local v = all:tolist()
+  for r = 1, n - 1 do
+    if v[3 * r + 1] ~= v[1] or v[3 * r + 2] ~= v[2] or v[3 * r + 3] ~= v[3] then
+      core.raise(("apply_plan: rank %d resolved other units than rank 0 (%d units, %d elements vs %d units, %d "
+                  .. "elements): every rank must apply the same plan to the same model"):format(
+                  C.fl_comm_global_rank(shard_comm, r), v[3 * r + 1], v[3 * r + 2], v[1], v[2]))
+    end
+  end
+end
+
 -- apply_plan(model, plan, {mesh=, seed=, mixed_precision=, cpu_offload=, reshard_after_forward=}): plan is
 -- "auto", "declared", {mode="manual", modules={...}}, a function plan, ... (see fsdp.plan); the last three
 -- options apply to every unit the plan does not configure itself. Units are made bottom-up, the root last.
+-- Atomic: the plan, the options, the model's modules and parameters and the ranks' agreement are all checked
+-- before the first unit is made, so an error leaves the model exactly as it was and a retry works.
 function M.apply_plan(model, plan, opts)
   opts = core.check_opts("apply_plan", opts, APPLY_OPTS, 2)
-  if rawget(model, "_fsdp_group") then error("apply_plan: the model is already sharded", 2) end
+  if rawget(model, "_fsdp_group") then core.raise("apply_plan: the model is already sharded") end
   local units = require("fsdp.plan").resolve(model, plan, {mixed_precision = opts.mixed_precision,
     cpu_offload = opts.cpu_offload, reshard_after_forward = opts.reshard_after_forward})
   local params, mods = param_entries(model), modules_by_name(model)
-  local group = new_group()
-  group.mesh = opts.mesh   -- its process groups must live as long as the units that use them
-  rawset(model, "_fsdp_group", group)
+  local work = {}
   for _, spec in ipairs(units) do
     local plist, mlist = {}, {}
     for _, pn in ipairs(spec.params) do
       local e = params[pn]
-      if not e then error(("apply_plan: unit %s names parameter '%s', which the model does not have"):format(spec.name, pn), 2) end
+      if not e then core.raise(("apply_plan: unit %s names parameter '%s', which the model does not have"):format(spec.name, pn)) end
+      if Module.shard_of[e[2]] then core.raise(("apply_plan: parameter '%s' is already sharded (fully_shard)"):format(pn)) end
       plist[#plist + 1] = e
     end
     local names = {}
@@ -148,11 +183,19 @@ function M.apply_plan(model, plan, opts)
     for _, mn in ipairs(spec.extra_modules or {}) do names[#names + 1] = mn end
     for _, mn in ipairs(names) do
       local m = mods[mn]
-      if not m then error(("apply_plan: unit %s names module '%s', which the model does not have"):format(spec.name, mn), 2) end
+      if not m then core.raise(("apply_plan: unit %s names module '%s', which the model does not have"):format(spec.name, mn)) end
+      if rawget(m, "_fsdp_unit") then
+        core.raise(("apply_plan: module '%s' already belongs to unit %s"):format(mn, m._fsdp_unit.name))
+      end
       mlist[#mlist + 1] = m
     end
-    if #plist > 0 then make_unit(group, spec, plist, mlist, opts) end
+    if #plist > 0 then work[#work + 1] = {spec, plist, mlist} end
   end
+  check_same_units(units, params, opts.mesh)
+  local group = new_group()
+  group.mesh = opts.mesh   -- its process groups must live as long as the units that use them
+  for _, w in ipairs(work) do make_unit(group, w[1], w[2], w[3], opts) end
+  rawset(model, "_fsdp_group", group)
   return model
 end
 
@@ -166,7 +209,29 @@ local FULLY_SHARD = {mesh = true, reshard_after_forward = true, mp_policy = true
 function M.fully_shard(target, opts)
   opts = core.check_opts("fully_shard", opts, FULLY_SHARD, 2)
   local list = (getmetatable(target) ~= nil and rawget(target, "_params")) and {target} or target
-  if type(list) ~= "table" or #list == 0 then error("fully_shard: expected a module or a list of modules", 2) end
+  if type(list) ~= "table" or #list == 0 then core.raise("fully_shard: expected a module or a list of modules") end
+  local mp = require("fsdp.plan").mixed_precision(opts.mp_policy, "fully_shard")
+  for _, m in ipairs(list) do
+    if rawget(m, "_fsdp_unit") then
+      core.raise(("fully_shard %s: module already belongs to unit %s"):format(m.__name or "module", m._fsdp_unit.name))
+    end
+  end
+  comms_of(opts.mesh)   -- a bad mesh fails here, before any group is merged
+  local plist, claimed = {}, {}
+  for _, m in ipairs(list) do
+    for _, e in ipairs(m:full_parameter_list()) do
+      local t = e[2]
+      if not Module.shard_of[t] and not claimed[t] then
+        claimed[t] = true
+        e[5] = t.device == "meta"
+        e[6] = true   -- names are local to the module: defer the initialisation to materialize
+        plist[#plist + 1] = e
+      end
+    end
+  end
+  local spec = {name = list[1].__name or "module", reshard_after_forward = opts.reshard_after_forward ~= false,
+                mixed_precision = mp}
+  if #plist == 0 then core.raise("fully_shard: the module(s) have no parameters left to shard") end
   -- One group per module tree: the groups of already sharded submodules (blocks first, then the root) are
   -- merged into one, so the root's forward order and final pass cover every unit below it.
   local group, subs = opts.group, {}
@@ -186,21 +251,6 @@ function M.fully_shard(target, opts)
     end
     rawset(sub, "_fsdp_group", group)
   end
-  local plist, claimed = {}, {}
-  for _, m in ipairs(list) do
-    for _, e in ipairs(m:full_parameter_list()) do
-      local t = e[2]
-      if not Module.shard_of[t] and not claimed[t] then
-        claimed[t] = true
-        e[5] = t.device == "meta"
-        e[6] = true   -- names are local to the module: defer the initialisation to materialize
-        plist[#plist + 1] = e
-      end
-    end
-  end
-  local spec = {name = list[1].__name or "module", reshard_after_forward = opts.reshard_after_forward ~= false,
-                mixed_precision = opts.mp_policy}
-  if #plist == 0 then error("fully_shard: the module(s) have no parameters left to shard", 2) end
   local u = make_unit(group, spec, plist, list, opts)
   for _, m in ipairs(list) do rawset(m, "_fsdp_group", group) end  -- the last call's module is the root
   return u

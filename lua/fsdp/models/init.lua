@@ -286,7 +286,7 @@ M.encode_json = encode
 local TORCH_DTYPE = {f32 = "float32", f64 = "float64", bf16 = "bfloat16", f16 = "float16"}
 
 local function write_atomic(path, text)
-  local tmp = path .. ".tmp"
+  local tmp = core.tmp_name(path)
   local f, err = io.open(tmp, "wb")
   if not f then error(("save_pretrained: cannot create '%s': %s"):format(tmp, tostring(err)), 3) end
   f:write(text)
@@ -297,17 +297,36 @@ end
 
 -- save_pretrained(model, dir): config.json (model_type, architectures, dtype) and model.safetensors with every
 -- parameter once under its HF name: a tied head is not written (the embedding key holds it). Each file is written
--- to a .tmp name and renamed into place.
+-- to a .tmp name and renamed into place. A sharded model (fsdp.apply_plan / fully_shard) is gathered unit by unit
+-- (its f32 master weights) and rank 0 writes; every rank must call it, and all return once the files are in place.
 function M.save_pretrained(model, dir)
   local spec, cfg = model.model_spec, model.config
   if not spec or not cfg then error("save_pretrained: the model was not built by fsdp.models", 2) end
   if type(dir) ~= "string" then error("save_pretrained: dir must be a string", 2) end
-  local ok = os.execute(("mkdir -p '%s'"):format(dir:gsub("'", "'\\''")))
-  if ok ~= 0 and ok ~= true then error(("save_pretrained: cannot create directory '%s'"):format(dir), 2) end
+  local fsdp_mod = require "fsdp.fsdp"
+  local sharded = fsdp_mod.group(model) ~= nil
+  local dist = require "fsdp.dist"
+  local writer = not sharded or dist.rank() == 0
+  if writer then
+    local ok = os.execute(("mkdir -p '%s'"):format(dir:gsub("'", "'\\''")))
+    if ok ~= 0 and ok ~= true then error(("save_pretrained: cannot create directory '%s'"):format(dir), 2) end
+  end
   local tensors, dtype = {}, nil
-  for name, t in model:named_parameters() do
-    tensors[name] = t
-    dtype = dtype or t.dtype
+  if sharded then
+    local full = fsdp_mod.full_state_dict(model, {rank0_only = true})   -- collective; empty off rank 0
+    for name in model:named_parameters() do
+      tensors[name] = full[name]
+      dtype = "f32"
+    end
+  else
+    for name, t in model:named_parameters() do
+      tensors[name] = t
+      dtype = dtype or t.dtype
+    end
+  end
+  if not writer then
+    dist.barrier()   -- rank 0 writes; the others return when the files are in place
+    return
   end
   local out = {}
   for k, v in pairs(cfg) do out[k] = v end
@@ -318,6 +337,7 @@ function M.save_pretrained(model, dir)
   for k in pairs(spec.float_keys or {}) do fk[k] = true end
   write_atomic(dir .. "/config.json", encode(out, "", fk, nil) .. "\n")
   st.save(dir .. "/model.safetensors", tensors, {format = "pt"})
+  if sharded then dist.barrier() end
 end
 
 return M
