@@ -528,7 +528,7 @@ int fl_dist_finalize(void) {
     if (use_mpi) {
         /* The thread finishes what was issued first (operations nobody waited for included); one still pending
          * past the world's timeout aborts the job like a wait would. */
-        fl_mpi_announce_exit();   /* first: a peer waiting for us in a collective fails now, not at its timeout */
+        fl_mpi_announce(0);   /* first: a peer waiting for us in a collective fails now, not at its timeout */
         double start = now_s(), deadline = start + world->timeout;
         pthread_mutex_lock(&mu);
         q_stop = true;
@@ -553,6 +553,25 @@ int fl_dist_finalize(void) {
                      stuck, world->timeout);
             fl_dist_abort(1, msg);
         }
+        /* Then wait until every peer has left too, before MPI_Finalize: its fence would block here while a
+         * peer that still waits for us aborts, and Open MPI's launcher then hangs tearing the job down. A peer
+         * that aborts tells us (departed_member exits); one that never finishes hits the world's timeout. */
+        for (;;) {
+            double since = 0;
+            departed_member(NULL, &since);
+            int32_t missing = -1;
+            for (int32_t r = 0; r < world->size && missing < 0; r++)
+                if (r != world->rank && departed_at[r] == 0) missing = r;
+            if (missing < 0) break;
+            if (now_s() >= deadline) {
+                char msg[256];
+                snprintf(msg, sizeof msg, "fsdp: finalize: rank %d did not finish its script within %g s of this rank",
+                         missing, world->timeout);
+                fl_dist_abort(1, msg);
+            }
+            struct timespec ts = {0, 2000000};
+            nanosleep(&ts, NULL);
+        }
         pthread_join(comm_thread, NULL);
         pthread_cond_destroy(&q_cond);
         pthread_cond_destroy(&done_cond);
@@ -565,6 +584,16 @@ int fl_dist_finalize(void) {
     world = NULL;
     initialized = false;
     return rc;
+}
+
+static int32_t abort_code = 1;
+static bool skip_mpi_abort = false;   /* departed_abort: exit without MPI_Abort (see there) */
+static void *abort_watchdog(void *arg) {
+    (void)arg;
+    struct timespec ts = {5, 0};
+    nanosleep(&ts, NULL);
+    _exit(abort_code);
+    return NULL;
 }
 
 void fl_dist_abort(int32_t code, const char *msg) {
@@ -582,7 +611,19 @@ void fl_dist_abort(int32_t code, const char *msg) {
         }
         fflush(stderr);
     }
-    if (use_mpi) fl_mpi_abort(code);
+    if (use_mpi) fl_mpi_announce(1);   /* peers waiting for us in finalize leave instead of hanging */
+    if (use_mpi && !skip_mpi_abort) {
+        /* MPI_Abort can block when a peer sits in MPI_Finalize; exiting without finalize also makes mpirun end
+         * the job, so a watchdog does that if the abort has not returned within a few seconds. */
+        pthread_t t;
+        pthread_attr_t a;
+        pthread_attr_init(&a);
+        pthread_attr_setdetachstate(&a, PTHREAD_CREATE_DETACHED);
+        abort_code = code;
+        pthread_create(&t, &a, abort_watchdog, NULL);
+        pthread_attr_destroy(&a);
+        fl_mpi_abort(code);
+    }
     _exit(code);
 }
 
@@ -632,8 +673,13 @@ static void timeout_abort(const fl_work *w) {
 static int32_t departed_member(const fl_comm *c, double *since) {
     if (!use_mpi || !departed_at) return -1;
     pthread_mutex_lock(&departed_mu);
-    for (int32_t r; (r = fl_mpi_poll_departed()) >= 0;)
+    int32_t kind = 0;
+    for (int32_t r; (r = fl_mpi_poll_announced(&kind)) >= 0;) {
+        /* a peer aborts the job and has printed why: leave at once, quietly (never into MPI_Finalize's fence,
+         * which would hang Open MPI's launcher while the job is torn down) */
+        if (kind == 1) _exit(1);
         if (r < world->size && departed_at[r] == 0) departed_at[r] = now_s();
+    }
     int32_t gone = -1;
     int32_t n = c ? c->size : world->size;
     for (int32_t i = 0; i < n && gone < 0; i++) {
@@ -648,6 +694,9 @@ static void departed_abort(int32_t gone, const char *what, const char *group) {
     char msg[ERR_LEN];
     snprintf(msg, sizeof msg, "fsdp: rank %d has exited while rank %d waits in %s on group '%s' (every rank must run "
              "the same collectives: e.g. the same number of steps)", gone, world->rank, what, group);
+    /* Not MPI_Abort: with the peer inside MPI_Finalize, Open MPI's abort can hang the launcher. A rank that exits
+     * non-zero without finalizing makes mpirun end the job by itself. */
+    skip_mpi_abort = true;
     fl_dist_abort(1, msg);
 }
 

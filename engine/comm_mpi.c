@@ -94,18 +94,19 @@ int fl_mpi_init(void **world, int32_t *rank, int32_t *size) {
     return FL_OK;
 }
 
-/* Tells every other rank that this one is leaving. Best effort within about a second: the 4-byte messages
- * go out eagerly, so their sends complete at once unless the job is already coming down. */
-void fl_mpi_announce_exit(void) {
+/* Tells every other rank that this one leaves (kind 0) or aborts the job (kind 1). Best effort within about a
+ * second: the 4-byte messages go out eagerly, so their sends complete at once unless the job is coming down. */
+void fl_mpi_announce(int32_t kind) {
     if (!mpi_up) return;
     int me = 0, n = 1;
     MPI_Comm_rank(ctl, &me);
     MPI_Comm_size(ctl, &n);
+    int msg = me * 2 + (kind ? 1 : 0);
     MPI_Request *reqs = calloc((size_t)n, sizeof *reqs);
     if (!reqs) return;
     int posted = 0;
     for (int r = 0; r < n; r++)
-        if (r != me && MPI_Isend(&me, 1, MPI_INT, r, TAG_LEFT, ctl, &reqs[posted]) == MPI_SUCCESS) posted++;
+        if (r != me && MPI_Isend(&msg, 1, MPI_INT, r, TAG_LEFT, ctl, &reqs[posted]) == MPI_SUCCESS) posted++;
     for (int tries = 0; tries < 1000; tries++) {
         int all = 0;
         if (MPI_Testall(posted, reqs, &all, MPI_STATUSES_IGNORE) != MPI_SUCCESS || all) break;
@@ -115,13 +116,14 @@ void fl_mpi_announce_exit(void) {
     free(reqs);
 }
 
-/* World rank of a peer that has announced its exit since the last call, or -1. */
-int32_t fl_mpi_poll_departed(void) {
+/* A peer's announcement since the last call: its world rank, with *kind 0 (left) or 1 (aborts); -1 for none. */
+int32_t fl_mpi_poll_announced(int32_t *kind) {
     if (!mpi_up || ctl_req == MPI_REQUEST_NULL) return -1;
     int flag = 0;
     MPI_Status st;
     if (MPI_Test(&ctl_req, &flag, &st) != MPI_SUCCESS || !flag) return -1;
-    int32_t who = ctl_buf;
+    int32_t who = ctl_buf / 2;
+    *kind = ctl_buf % 2;
     if (MPI_Irecv(&ctl_buf, 1, MPI_INT, MPI_ANY_SOURCE, TAG_LEFT, ctl, &ctl_req) != MPI_SUCCESS)
         ctl_req = MPI_REQUEST_NULL;
     return who;

@@ -54,6 +54,21 @@ struct fl_fsdp_group {
 
 static size_t esize(int32_t dt) { return fl_dtype_size(dt); }
 
+/* The one shard geometry (every row range in C and Lua comes from here): ceil(rows / world) rows per rank;
+ * rank r holds [min(r * per, rows), min((r + 1) * per, rows)), so the last ranks may hold fewer rows or none. */
+int64_t fl_shard_rows(int64_t rows, int32_t world, int32_t rank, int64_t *row0, int64_t *nrows) {
+    if (rows < 0 || world < 1 || rank < 0 || rank >= world) {
+        if (row0) *row0 = 0;
+        if (nrows) *nrows = 0;
+        return fl_fail(FL_EINVAL, "shard_rows: %" PRId64 " rows over world %d, rank %d", rows, world, rank);
+    }
+    int64_t per = rows / world + (rows % world != 0);
+    int64_t r0 = fl_min64(rows, (int64_t)rank * per);
+    if (row0) *row0 = r0;
+    if (nrows) *nrows = fl_min64(rows, r0 + per) - r0;
+    return per;
+}
+
 /* ---- group ---- */
 
 static int final_pass(void *ctx);
@@ -187,9 +202,7 @@ fl_fsdp_unit *fl_fsdp_unit_new(fl_fsdp_group *g, const char *name, fl_comm *shar
         p->hook.ready = param_ready;
         p->rows = t->ndim ? t->shape[0] : 1;
         p->row_numel = t->ndim ? fl_shape_numel(t->ndim - 1, t->shape + 1) : 1;
-        p->rows_per_rank = (p->rows + u->world - 1) / u->world;
-        p->row0 = fl_min64(p->rows, (int64_t)u->rank * p->rows_per_rank);
-        p->nrows = fl_min64(p->rows, p->row0 + p->rows_per_rank) - p->row0;
+        p->rows_per_rank = fl_shard_rows(p->rows, u->world, u->rank, &p->row0, &p->nrows);
         p->flat_off = off;
         off += p->rows_per_rank * p->row_numel;
         int64_t sshape[FL_MAX_DIMS];
@@ -269,8 +282,8 @@ int fl_fsdp_gather_param(fl_fsdp_unit *u, int32_t i, fl_tensor *out) {
         const float *src = fl_tensor_data(all);
         float *dst = fl_tensor_data(out);
         for (int32_t r = 0; r < u->world; r++) {
-            int64_t r0 = fl_min64(p->rows, (int64_t)r * p->rows_per_rank);
-            int64_t nr = fl_min64(p->rows, r0 + p->rows_per_rank) - r0;
+            int64_t r0, nr;
+            fl_shard_rows(p->rows, u->world, r, &r0, &nr);
             if (nr > 0) memcpy(dst + r0 * p->row_numel, src + r * n1, sizeof(float) * (size_t)(nr * p->row_numel));
         }
     }
@@ -317,8 +330,8 @@ static int finish_gather(fl_fsdp_unit *u) {
         fsdp_param *p = &u->p[i];
         char *dst = fl_tensor_data(p->full);
         for (int32_t r = 0; r < u->world; r++) {
-            int64_t r0 = fl_min64(p->rows, (int64_t)r * p->rows_per_rank);
-            int64_t nr = fl_min64(p->rows, r0 + p->rows_per_rank) - r0;
+            int64_t r0, nr;
+            fl_shard_rows(p->rows, u->world, r, &r0, &nr);
             if (nr > 0)
                 memcpy(dst + (size_t)(r0 * p->row_numel) * es, out + (size_t)(r * u->chunk + p->flat_off) * es,
                        (size_t)(nr * p->row_numel) * es);
@@ -431,8 +444,8 @@ static int start_reduce(fl_fsdp_unit *u) {
         const char *src = fl_tensor_data(gr);
         size_t ges = esize(gr->dtype);
         for (int32_t r = 0; r < u->world; r++) {
-            int64_t r0 = fl_min64(p->rows, (int64_t)r * p->rows_per_rank);
-            int64_t nr = fl_min64(p->rows, r0 + p->rows_per_rank) - r0;
+            int64_t r0, nr;
+            fl_shard_rows(p->rows, u->world, r, &r0, &nr);
             if (nr > 0)
                 fl_convert(src + (size_t)(r0 * p->row_numel) * ges, gr->dtype,
                            in + (size_t)(r * u->chunk + p->flat_off) * es, u->reduce_dtype, nr * p->row_numel);

@@ -348,6 +348,11 @@ int fl_exact_sum_all_reduce(fl_comm *c, fl_tensor *acc);
  * per rank, the last chunks short or empty, zero-padded in the collectives), gathered together through one
  * flat buffer and reduced together. Units belong to a group (one per model) that records the forward order
  * for prefetching and runs the final pass at the end of backward. */
+/* Dim-0 shard geometry, the one definition every row range in C and Lua uses: returns rows per rank,
+ * ceil(rows / world), and sets [*row0, *row0 + *nrows), the rows `rank` holds (short or empty on the last
+ * ranks; the collectives pad them with zeros). Negative (FL_EINVAL) for rows < 0 or a rank outside the world. */
+int64_t fl_shard_rows(int64_t rows, int32_t world, int32_t rank, int64_t *row0, int64_t *nrows);
+
 typedef struct fl_fsdp_group fl_fsdp_group;
 typedef struct fl_fsdp_unit fl_fsdp_unit;
 

@@ -87,8 +87,10 @@ int fl_mpi_barrier(void *g);
 int fl_mpi_isend(void *g, const void *buf, int64_t count, size_t esz, int32_t dst, int32_t tag, void **req);
 int fl_mpi_irecv(void *g, void *buf, int64_t count, size_t esz, int32_t src, int32_t tag, void **req);
 int fl_mpi_test(void **req, bool *done, int64_t *bytes);
-void fl_mpi_announce_exit(void);      /* this rank leaves the job: tell every other rank */
-int32_t fl_mpi_poll_departed(void);   /* world rank of a peer that announced its exit, or -1 */
+/* The departure channel: this rank tells every other that it leaves the job (kind 0) or aborts it (kind 1);
+ * poll returns a peer's announcement (world rank, *kind), or -1. */
+void fl_mpi_announce(int32_t kind);
+int32_t fl_mpi_poll_announced(int32_t *kind);
 
 /* ---- counter-based RNG (rng.c) ---- */
 double fl_rng_uniform_at(uint64_t seed, uint64_t stream, uint64_t i);

@@ -115,7 +115,7 @@ describe("sharding a model", function()
     }
     for _, plan in ipairs(bad) do
       assert.is_false(pcall(fsdp.apply_plan, model, plan, {seed = 3}))
-      assert.is_nil(require("fsdp.fsdp").group(model))
+      assert.is_nil(require("fsdp.parallel").group(model))
       for name, p in model:named_parameters() do
         assert.equal(before[name], p, name)            -- the same tensor objects, none replaced by a shard
         assert.equal("meta", p.device, name)

@@ -2,7 +2,7 @@
 -- Hugging Face's module layout; "declared" == "auto" for every registered model; manual and function plans; every
 -- validation error; explain()'s dim-0 row ranges against hand-computed numbers. All on meta: no data is needed.
 local fsdp   = require "fsdp"
-local plan   = require "fsdp.plan"
+local plan   = require "fsdp.parallel"
 local Module = require "fsdp.nn.module"
 local ModuleList = require "fsdp.nn.module_list"
 

@@ -56,19 +56,20 @@ fsdp.mesh, fsdp.barrier = dist.mesh, dist.barrier
 -- same bits from the same gradients.
 fsdp.clip_grad_norm = require("fsdp.optim").clip_grad_norm
 
--- FSDP (DESIGN §5): plans, units, explain, memory. fsdp.ddp is plain data parallelism.
-function fsdp.apply_plan(model, plan, opts) return require("fsdp.fsdp").apply_plan(model, plan, opts) end
-function fsdp.fully_shard(module, opts) return require("fsdp.fsdp").fully_shard(module, opts) end
-function fsdp.explain(model, plan, world_size, opts) return require("fsdp.plan").explain(model, plan, world_size, opts) end
-function fsdp.shards(model) return require("fsdp.fsdp").shards(model) end
-function fsdp.memory_stats() return require("fsdp.fsdp").memory_stats() end
-function fsdp.reset_peak_memory() return require("fsdp.fsdp").reset_peak_memory() end
+-- Data parallelism (DESIGN §5, lua/fsdp/parallel/): FSDP plans, units, explain, memory; fsdp.ddp is plain DDP.
+local function parallel() return require "fsdp.parallel" end
+function fsdp.apply_plan(model, plan, opts) return parallel().apply_plan(model, plan, opts) end
+function fsdp.fully_shard(module, opts) return parallel().fully_shard(module, opts) end
+function fsdp.explain(model, plan, world_size, opts) return parallel().explain(model, plan, world_size, opts) end
+function fsdp.shards(model) return parallel().shards(model) end
+function fsdp.memory_stats() return parallel().memory_stats() end
+function fsdp.reset_peak_memory() return parallel().reset_peak_memory() end
 
 local lazy = {
   nn = "fsdp.nn", models = "fsdp.models", optim = "fsdp.optim", data = "fsdp.data",
-  checkpoint = "fsdp.checkpoint", safetensors = "fsdp.safetensors", autograd = "fsdp.autograd",
-  ddp = "fsdp.ddp",   -- the function itself: fsdp.ddp(model, {mesh =, bucket_cap_mb =})
-  plan = "fsdp.plan",
+  safetensors = "fsdp.safetensors", autograd = "fsdp.autograd",
+  ddp = "fsdp.parallel.ddp",   -- the function itself: fsdp.ddp(model, {mesh =, bucket_cap_mb =})
+  parallel = "fsdp.parallel",
 }
 setmetatable(fsdp, {__index = function(t, k)
   local mod = lazy[k]

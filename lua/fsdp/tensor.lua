@@ -71,6 +71,10 @@ Tensor.fill_shape = fill_shape
 -- optimizer rounds each element as it would in the whole tensor. nil for plain and DDP parameters, whose every
 -- rank holds the whole tensor.
 function Tensor.set_shard_info(t, info) rawset(t, "_shard_info", info) end
+-- A distributed parameter's local part (DTensor.to_local): the module keeps the full-shape tensor, whose data
+-- may come and go (FSDP unshards it for compute); optimizers, clipping and state see its local part.
+function Tensor.set_local(t, part) rawset(t, "_local", part) end
+function Tensor.local_of(t) return rawget(t, "_local") or t end
 function Tensor.shard_info(t) return rawget(t, "_shard_info") end
 function Tensor.shard_group(t)
   local info = rawget(t, "_shard_info")

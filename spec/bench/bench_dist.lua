@@ -4,7 +4,7 @@
 --
 --   build/fsdp-lua -n 1 spec/bench/bench_dist.lua --mode single   the whole batch on one rank, no wrapping
 --   build/fsdp-lua -n 2 spec/bench/bench_dist.lua --mode ddp      fsdp.ddp (bucketed grad all-reduce)
---   build/fsdp-lua -n 2 spec/bench/bench_dist.lua --mode fsdp     built on meta, fsdp.fsdp.apply_plan "auto"
+--   build/fsdp-lua -n 2 spec/bench/bench_dist.lua --mode fsdp     built on meta, fsdp.apply_plan "auto"
 --
 -- Rank 0 prints one line "BENCH_DIST <json>": global tokens/s and step ms (the slowest rank's), and per rank:
 -- communication time per step (the same step's collectives run alone, without compute, after the timed
@@ -86,7 +86,7 @@ end
 
 local function run_mode(mode)
   local dist = require "fsdp.dist"
-  local F    = require "fsdp.fsdp"
+  local F    = require "fsdp.parallel"
   dist.init{seed = SEED, timeout = opts.timeout}
   local rank, world = dist.rank(), dist.world_size()
   if mode == "single" and world ~= 1 then
@@ -108,12 +108,12 @@ local function run_mode(mode)
   -- backward) and reduce-scatters it once; DDP all-reduces the gradients in 25 MB buckets.
   local chunks = {}
   if mode == "fsdp" then
-    for _, u in ipairs(require("fsdp.plan").explain(model, "auto", world).units) do
+    for _, u in ipairs(require("fsdp.parallel").explain(model, "auto", world).units) do
       chunks[#chunks + 1] = u.padded_numel_per_rank
     end
   end
   if mode == "fsdp" then F.apply_plan(model, "auto", {seed = SEED})
-  elseif mode == "ddp" then require("fsdp.ddp")(model) end
+  elseif mode == "ddp" then require("fsdp.parallel.ddp")(model) end
   local params = model:parameters()
   local opt = fsdp.optim.AdamW(params, {lr = 3e-4, weight_decay = 0.1})
   local norm_time = 0   -- get_total_norm's share: the exact squared norm and its all-gather

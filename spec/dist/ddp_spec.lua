@@ -173,7 +173,7 @@ end)
 -- In this process: world size 1 (no MPI), where ddp must change nothing and check its arguments.
 describe("fsdp.ddp on one rank", function()
   local fsdp = require "fsdp"
-  local ddp = require "fsdp.ddp"
+  local ddp = require "fsdp.parallel.ddp"
 
   local function tiny(seed) return fsdp.models.build(fsdp.models.tiny_config("gpt2"), {seed = seed or 5}) end
   local function ids()

@@ -24,7 +24,7 @@ end
 
 -- The modules behind fsdp.init/rank/world_size/mesh and fsdp.ddp, required directly.
 local dist = require "fsdp.dist"
-local ddp  = require "fsdp.ddp"
+local ddp  = require "fsdp.parallel.ddp"
 local D    = require "dist"   -- spec/support/dist.lua: result files
 
 dist.init{seed = 1234}

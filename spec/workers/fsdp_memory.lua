@@ -4,7 +4,7 @@
 -- unsharded-parameter bytes left after backward.
 local fsdp = require "fsdp"
 local dist = require "fsdp.dist"
-local F    = require "fsdp.fsdp"
+local F    = require "fsdp.parallel"
 local D    = require "dist"
 
 local out_dir = assert(arg[1])
@@ -12,7 +12,7 @@ dist.init{seed = 1}
 local rank, world = dist.rank(), dist.world_size()
 local cfg = fsdp.models.tiny_config("llama", {num_hidden_layers = 4, tie_word_embeddings = false})
 local model = fsdp.models.build(cfg, {device = "meta", seed = 3})
-local explained = require("fsdp.plan").explain(model, "auto", world)
+local explained = require("fsdp.parallel").explain(model, "auto", world)
 local param_before = tonumber(fsdp.C.fl_mem_current(1))
 F.apply_plan(model, "auto", {seed = 3})
 local report = {rank = rank, world = world}

@@ -21,7 +21,7 @@
 --                 model trains in train mode, so the masks (keyed by seed, rank and call) change the losses
 local fsdp = require "fsdp"
 local dist = require "fsdp.dist"
-local F    = require "fsdp.fsdp"
+local F    = require "fsdp.parallel"
 local D    = require "dist"
 
 local out_dir = assert(arg[1], "usage: fsdp_parity.lua OUT_DIR model=... mode=...")
@@ -70,7 +70,7 @@ if opt.mode == "ckpt" then
   for _, m in model:named_modules() do if m.is_block then rawset(m, "checkpoint", true) end end
 end
 if opt.mode == "ddp" or opt.mode == "ddp_accum" then
-  require("fsdp.ddp")(model)
+  require("fsdp.parallel.ddp")(model)
 elseif opt.mode == "fully_shard" then
   -- the low-level API, FSDP2 style: each block, then the root; then initialise the meta shards
   for _, m in model:named_modules() do if m.is_block then F.fully_shard(m) end end

@@ -37,7 +37,7 @@ elseif case == "mismatch" then
                                                          ["transformer.h.*.mlp"] = "free_full_weight"}} or "auto"
   local ok, err = pcall(fsdp.apply_plan, model, plan, {seed = 5})
   report.first_ok, report.first_err = ok, tostring(err)
-  report.sharded_after_error = require("fsdp.fsdp").group(model) ~= nil
+  report.sharded_after_error = require("fsdp.parallel").group(model) ~= nil
   fsdp.apply_plan(model, "auto", {seed = 5})   -- the retry on an untouched model
   local out = model(ids, {labels = ids})
   out.loss:backward()

@@ -303,8 +303,7 @@ function M.save_pretrained(model, dir)
   local spec, cfg = model.model_spec, model.config
   if not spec or not cfg then error("save_pretrained: the model was not built by fsdp.models", 2) end
   if type(dir) ~= "string" then error("save_pretrained: dir must be a string", 2) end
-  local fsdp_mod = require "fsdp.fsdp"
-  local sharded = fsdp_mod.group(model) ~= nil
+  local sharded = model:is_sharded()
   local dist = require "fsdp.dist"
   local writer = not sharded or dist.rank() == 0
   if writer then
@@ -313,7 +312,7 @@ function M.save_pretrained(model, dir)
   end
   local tensors, dtype = {}, nil
   if sharded then
-    local full = fsdp_mod.full_state_dict(model, {rank0_only = true})   -- collective; empty off rank 0
+    local full = model:full_state_dict({rank0_only = true})   -- collective; empty off rank 0
     for name in model:named_parameters() do
       tensors[name] = full[name]
       dtype = "f32"

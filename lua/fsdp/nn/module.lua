@@ -1,7 +1,9 @@
 -- lua/fsdp/nn/module.lua: the Module base class. A module owns parameters (leaf tensors with requires_grad) and
 -- child modules, both in registration order, and names them with Hugging Face's dotted names. It knows how each of
 -- its parameters is initialised (a small spec), so a model built on `meta` can be materialised later — whole, or
--- shard by shard by FSDP — with the counter-based RNG keyed by the parameter's full name.
+-- only the local part of a distributed parameter (Tensor.local_of) — with the counter-based RNG keyed by the
+-- parameter's full name. Parallelism (lua/fsdp/parallel/) attaches through the generic forward hooks below and
+-- through Tensor.local_of; this file knows nothing of it.
 local core   = require "fsdp.core"
 local Tensor = require "fsdp.tensor"
 
@@ -20,6 +22,25 @@ function Module.class(name, parent)
   cls.__tostring = Module.__tostring
   cls.__newindex = Module.__newindex
   return cls
+end
+
+-- Gives an instance a subclass of its class that adds `methods`, named tag .. class name (as FSDP2 turns a
+-- module into an FSDP<Class>): a wrapper extends one model without touching the class or its other instances.
+-- The subclass is made once per (class, tag); extending with the same tag again changes nothing.
+local extensions = setmetatable({}, {__mode = "k"})
+function Module.extend(self, tag, methods)
+  local base = getmetatable(self)
+  if rawget(base, "__extension") == tag then return self end
+  local by_tag = extensions[base]
+  if not by_tag then by_tag = {}; extensions[base] = by_tag end
+  local cls = by_tag[tag]
+  if not cls then
+    cls = Module.class(tag .. (base.__name or "Module"), base)
+    cls.__extension = tag
+    for k, f in pairs(methods) do cls[k] = f end
+    by_tag[tag] = cls
+  end
+  return setmetatable(self, cls)
 end
 
 -- Sets up the registries of a fresh instance; every constructor calls it first.
@@ -139,19 +160,13 @@ function Module:named_modules(prefix)
   end
 end
 
--- Full parameter -> its local shard, once FSDP has sharded it (weak: the map never keeps a tensor alive).
-Module.shard_of = setmetatable({}, {__mode = "k"})
--- Shards of parameters sharded while on meta, not initialised yet -> the element offset of their first row in
--- the full parameter (materialize initialises them under the parameter's full dotted name).
-Module.shard_init_offset = setmetatable({}, {__mode = "k"})
-
 -- List of {name, tensor, module, local_name}, each tensor once (a tied weight keeps its first name, as torch).
--- Under FSDP the tensor is the local shard (what optimizers and clipping see); full_parameter_list gives
--- the modules' own (full-shape) tensors.
+-- The tensor is the parameter's local part (Tensor.local_of: what optimizers and clipping see, e.g. this rank's
+-- shard); full_parameter_list gives the modules' own (full-shape) tensors.
 function Module:parameter_list()
   local list = self:full_parameter_list()
-  local shard_of = Module.shard_of
-  for _, e in ipairs(list) do e[2] = shard_of[e[2]] or e[2] end
+  local local_of = Tensor.local_of
+  for _, e in ipairs(list) do e[2] = local_of(e[2]) end
   return list
 end
 
@@ -216,22 +231,21 @@ function Module:materialize(opts)
   local seed = opts.seed or 0
   for _, e in ipairs(self:full_parameter_list()) do
     local name, t, m, pn = e[1], e[2], e[3], e[4]
-    local shard = Module.shard_of[t]
-    local offset = shard and Module.shard_init_offset[shard]
-    if offset then
-      -- sharded while on meta (fully_shard before init, as torchtitan does): initialise this rank's rows only
+    local loc = Tensor.local_of(t)
+    local info = loc ~= t and Tensor.shard_info(loc)
+    if info and info.pending_init then
+      -- distributed while still on meta (fully_shard before init, as torchtitan does): this rank's part only,
+      -- as elements info.offset.. of the full initialisation
       local init = m._param_init[pn]
-      if init[1] ~= "keep" and shard:numel() > 0 then Module.init_values(shard, init, seed, name, offset) end
-      Module.shard_init_offset[shard] = nil
-    elseif shard then
-      -- already sharded with its values
-    elseif t.device == "meta" then
+      if init[1] ~= "keep" and loc:numel() > 0 then Module.init_values(loc, init, seed, name, info.offset) end
+      info.pending_init = nil
+    elseif loc == t and t.device == "meta" then
       core.check(C.fl_tensor_storage_alloc(t._p), "materialize " .. name, 2)
       C.fl_tensor_set_category(t._p, core.mem_categories.param)
       local init = m._param_init[pn]
       if init[1] == "keep" then core.check(C.fl_tensor_fill_(t._p, 0), "materialize " .. name, 2)
       else Module.init_values(t, init, seed, name, 0) end
-    end
+    end   -- else: data already there (a distributed parameter made from values keeps them)
   end
   return self
 end
@@ -254,13 +268,24 @@ function Module:zero_grad()
   for _, t in ipairs(self:parameters()) do C.fl_tensor_set_grad(t._p, nil) end
 end
 
--- Full tensors by HF name: gathers FSDP units in turn (every rank must call it). See fsdp.fsdp.full_state_dict.
-function Module:full_state_dict(opts) return require("fsdp.fsdp").full_state_dict(self, opts) end
+-- Full tensors by HF name: {name = tensor}, each detached (sharing the parameter's data). Data-parallel extensions override it
+-- (a sharded model gathers its shards; every rank must call it then). rank0_only: an empty table off rank 0.
+local FSD_OPTS = {rank0_only = true}
+function Module:full_state_dict(opts)
+  opts = core.check_opts("full_state_dict", opts, FSD_OPTS, 2)
+  local out = {}
+  if opts.rank0_only and C.fl_dist_is_initialized() and C.fl_comm_rank(C.fl_comm_world()) ~= 0 then return out end
+  for _, e in ipairs(self:parameter_list()) do out[e[1]] = e[2]:detach():contiguous() end
+  return out
+end
 
--- FSDP2's set_requires_gradient_sync: off for accumulation micro-steps (sharded or DDP models).
-function Module:set_requires_gradient_sync(on)
-  if rawget(self, "_fsdp_group") then return require("fsdp.fsdp").set_requires_gradient_sync(self, on) end
-  error("set_requires_gradient_sync: the model is neither sharded (fsdp.apply_plan) nor wrapped by fsdp.ddp", 2)
+-- Whether the parameters are split across ranks (so whole-tensor exports must gather); extensions override it.
+function Module:is_sharded() return false end
+
+-- FSDP2's set_requires_gradient_sync: the data-parallel extensions (Module.extend) define it.
+function Module:set_requires_gradient_sync()
+  error(("set_requires_gradient_sync: this %s is not data-parallel (it is neither sharded nor wrapped by ddp)")
+        :format(self.__name or "module"), 2)
 end
 
 function Module:num_parameters()
@@ -273,11 +298,46 @@ function Module:forward()
   error(("%s: forward is not implemented"):format(self.__name or "module"), 2)
 end
 
--- m(...) runs forward; a module flagged `checkpoint` (activation checkpointing) runs it through
--- fsdp.autograd.checkpoint so that its activations are recomputed in backward instead of kept.
-function Module.__call(self, x, ...)
-  if rawget(self, "_fsdp_unit") then return Module.fsdp_call(self, x, ...) end  -- fsdp.fsdp hooks the unit's modules
-  return Module.plain_call(self, x, ...)
+-- ---- forward hooks (torch's register_forward_pre_hook / register_forward_hook) ----
+-- A pre-hook runs as fn(module, args) before forward, args = {n = count, ...}; it may return a new args table.
+-- A hook runs as fn(module, args, output) after forward; it may return a replacement for the (first) output.
+-- Hooks run in registration order; each registration returns a handle whose :remove() takes it off.
+local function add_hook(self, field, fn, what)
+  if type(fn) ~= "function" then error(("%s: expected a function, got %s"):format(what, type(fn)), 3) end
+  local list = rawget(self, field)
+  if not list then list = {}; rawset(self, field, list) end
+  list[#list + 1] = fn
+  return {remove = function()
+    for i, f in ipairs(list) do if f == fn then table.remove(list, i); break end end
+    if #list == 0 then rawset(self, field, nil) end
+  end}
+end
+
+function Module:register_forward_pre_hook(fn) return add_hook(self, "_forward_pre_hooks", fn, "register_forward_pre_hook") end
+function Module:register_forward_hook(fn) return add_hook(self, "_forward_hooks", fn, "register_forward_hook") end
+
+local function pack(...) return {n = select("#", ...), ...} end
+
+-- m(...) runs forward (through the hooks, when there are any); a module flagged `checkpoint` (activation
+-- checkpointing) runs it through fsdp.autograd.checkpoint so that its activations are recomputed in backward.
+function Module.__call(self, ...)
+  local pre, post = rawget(self, "_forward_pre_hooks"), rawget(self, "_forward_hooks")
+  if not pre and not post then return Module.plain_call(self, ...) end
+  local args = pack(...)
+  if pre then
+    for _, h in ipairs(pre) do
+      local r = h(self, args)
+      if r ~= nil then args = r end
+    end
+  end
+  local out = pack(Module.plain_call(self, unpack(args, 1, args.n)))
+  if post then
+    for _, h in ipairs(post) do
+      local r = h(self, args, out[1])
+      if r ~= nil then out[1] = r end
+    end
+  end
+  return unpack(out, 1, out.n)
 end
 
 function Module.plain_call(self, x, ...)

@@ -1,7 +1,8 @@
--- lua/fsdp/fsdp/init.lua: applying FSDP to a module tree. A plan (fsdp.plan) says which modules form which
--- unit; this file makes the engine units (engine/fsdp.c), initialises or copies the local shards, and hooks
--- the units' modules so that calling them unshards first and registers the pre-backward node on their outputs.
--- After it, model:parameters() yields the local shards (what the optimizer steps).
+-- lua/fsdp/parallel/units.lua: FSDP units on a module tree. A plan (parallel/plan.lua) says which modules form
+-- which unit; this file makes the engine units (engine/fsdp.c), initialises or copies the local shards, and
+-- attaches each unit to its modules through their generic forward hooks: a pre-hook unshards (and checks that
+-- shards made on meta were initialised), a post-hook puts the pre-backward node on the output. The model then
+-- takes the FSDP module class (parallel/fsdp_module.lua), and model:parameters() yields the local shards.
 local ffi    = require "ffi"
 local core   = require "fsdp.core"
 local Tensor = require "fsdp.tensor"
@@ -10,9 +11,6 @@ local Module = require "fsdp.nn.module"
 local C = core.C
 local M = {}
 
--- Engine units of a model's modules, and the group each model's units share (keeps them alive).
-local unit_of_module = setmetatable({}, {__mode = "k"})
--- Local shard -> the process group it is sharded over (gradient-norm clipping sums over it).
 
 local function dist() return require "fsdp.dist" end
 
@@ -34,20 +32,23 @@ end
 -- zeros, so the unit's first forward checks (once) that every such shard was initialised.
 local function check_initialized(u)
   for i, shard in ipairs(u.shards) do
-    if Module.shard_init_offset[shard] ~= nil then
+    if Tensor.shard_info(shard).pending_init then
       core.raise(("fsdp %s: parameter '%s' was sharded on meta and is not initialised: call "
-                  .. "model:materialize{seed = ...} after fully_shard, before the first forward"):format(u.name, u.params[i][1]))
+                  .. "model:materialize{seed = ...} after fully_shard, before the first forward"):format(u.name, u.params[i].name))
     end
   end
   u.uninitialized = nil
 end
 
--- Runs the module under its unit: unshard before, pre-backward node on the output after.
-local function call_sharded(self, u, x, ...)
-  if u.uninitialized then check_initialized(u) end
-  core.check(C.fl_fsdp_pre_forward(u.ptr), "fsdp " .. u.name, 3)
-  local out = u.forward_call(self, x, ...)
-  if Tensor.is_tensor(out) and out.requires_grad then
+-- The hooks a unit puts on each of its modules: unshard before forward; after it, a view of the output whose
+-- backward unshards the unit again before the unit's backward runs (and the output cast, under mixed precision).
+local function unit_hooks(u)
+  local function pre(_, _)
+    if u.uninitialized then check_initialized(u) end
+    if C.fl_fsdp_pre_forward(u.ptr) < 0 then core.raise("fsdp " .. u.name .. ": " .. core.last_error()) end
+  end
+  local function post(_, _, out)
+    if not (Tensor.is_tensor(out) and out.requires_grad) then return nil end
     local v = Tensor.own(C.fl_fsdp_post_forward(u.ptr, out._p), "fsdp " .. u.name)
     out:free()
     if u.output_dtype and v.dtype ~= u.output_dtype then
@@ -55,67 +56,68 @@ local function call_sharded(self, u, x, ...)
     end
     return v
   end
-  return out
+  return pre, post
 end
 
-Module.fsdp_call = function(self, x, ...)
-  local u = rawget(self, "_fsdp_unit")
-  return call_sharded(self, u, x, ...)
-end
-
--- Makes one unit over `params` (a list of {name, tensor, module, local_name} from parameter_list) on the
--- modules `mods`. Shards of meta parameters are initialised from their init spec for this rank's rows only.
+-- Makes one unit over `params` (records {name, full, module, local_name, on_meta, deferred_init}, see
+-- param_entries) on the modules `mods`. Shards of meta parameters are initialised from their init spec for this
+-- rank's rows only, or (deferred_init: fully_shard, which sees local names only) left for model:materialize.
 local function make_unit(group, spec, params, mods, opts)
   local shard_comm, rep_comm = comms_of(opts.mesh)
   local pd, rd, od = mp_dtypes(spec.mixed_precision)
   local n = #params
   local arr = ffi.new("fl_tensor *[?]", math.max(n, 1))
-  for i, e in ipairs(params) do arr[i - 1] = e[2]._p end
+  for i, e in ipairs(params) do arr[i - 1] = e.full._p end
   local up = C.fl_fsdp_unit_new(group.ptr, spec.name, shard_comm, rep_comm, n, arr, core.dtypes[pd], core.dtypes[rd],
                                 spec.reshard_after_forward and true or false)
   if up == nil then error(core.last_error(), 3) end
-  local u = {ptr = up, name = spec.name, params = params, shards = {}, output_dtype = od, cpu_offload = spec.cpu_offload,
-             forward_call = Module.plain_call}
+  local u = {ptr = up, name = spec.name, params = params, shards = {}, output_dtype = od, cpu_offload = spec.cpu_offload}
   local seed = opts.seed or 0
   for i, e in ipairs(params) do
     local shard = Tensor.wrap(C.fl_fsdp_unit_shard(up, i - 1))
-    local full = e[2]
+    local full = e.full
     local row0 = tonumber(C.fl_fsdp_unit_shard_row0(up, i - 1))
     local offset = row0 * (full:numel() / math.max(full:dim() > 0 and full:size(1) or 1, 1))
-    if e[5] then   -- was on meta: this rank's rows of the full initialisation
-      if e[6] then
-        -- fully_shard on a submodule does not know the full dotted names: model:materialize{seed=} initialises
-        Module.shard_init_offset[shard] = offset
+    local info = {group = shard_comm, offset = offset, numel = full:numel()}
+    if e.on_meta then   -- this rank's rows of the full initialisation
+      if e.deferred_init then
+        info.pending_init = true
         u.uninitialized = true
       else
-        local init = e[3]._param_init[e[4]]
-        if init[1] ~= "keep" and shard:numel() > 0 then Module.init_values(shard, init, seed, e[1], offset) end
+        local init = e.module._param_init[e.local_name]
+        if init[1] ~= "keep" and shard:numel() > 0 then Module.init_values(shard, init, seed, e.name, offset) end
       end
     end
-    Module.shard_of[full] = shard
-    Tensor.set_shard_info(shard, {group = shard_comm, offset = offset, numel = full:numel()})
+    Tensor.set_shard_info(shard, info)
+    Tensor.set_local(full, shard)
     u.shards[i] = shard
   end
   group.units[#group.units + 1] = u
+  local pre, post = unit_hooks(u)
   for _, m in ipairs(mods) do   -- the callers checked that no module belongs to a unit yet
     rawset(m, "_fsdp_unit", u)
-    unit_of_module[m] = u
+    m:register_forward_pre_hook(pre)
+    m:register_forward_hook(post)
   end
   return u
 end
 
-local function new_group()
+function M.new_group()
   local gp = C.fl_fsdp_group_new()
   if gp == nil then error(core.last_error(), 3) end
   return {ptr = ffi.gc(gp, C.fl_fsdp_group_release), units = {}}
 end
 
+-- The model's parameters as records by full name: {name, full (the module's tensor), module, local_name,
+-- on_meta, deferred_init}.
+local function param_record(e, deferred)
+  return {name = e[1], full = e[2], module = e[3], local_name = e[4], on_meta = e[2].device == "meta",
+          deferred_init = deferred}
+end
+
 local function param_entries(model)
   local by_name = {}
-  for _, e in ipairs(model:full_parameter_list()) do
-    e[5] = e[2].device == "meta"
-    by_name[e[1]] = e
-  end
+  for _, e in ipairs(model:full_parameter_list()) do by_name[e[1]] = param_record(e, false) end
   return by_name
 end
 
@@ -138,7 +140,7 @@ local function check_same_units(units, params, mesh)
   for _, spec in ipairs(units) do
     mix(spec.name)
     for _, pn in ipairs(spec.params) do
-      local t = params[pn][2]
+      local t = params[pn].full
       mix(pn .. table.concat(t:shape(), "x"))
       numel = numel + t:numel()
     end
@@ -165,7 +167,7 @@ end
 function M.apply_plan(model, plan, opts)
   opts = core.check_opts("apply_plan", opts, APPLY_OPTS, 2)
   if rawget(model, "_fsdp_group") then core.raise("apply_plan: the model is already sharded") end
-  local units = require("fsdp.plan").resolve(model, plan, {mixed_precision = opts.mixed_precision,
+  local units = require("fsdp.parallel.plan").resolve(model, plan, {mixed_precision = opts.mixed_precision,
     cpu_offload = opts.cpu_offload, reshard_after_forward = opts.reshard_after_forward})
   local params, mods = param_entries(model), modules_by_name(model)
   local work = {}
@@ -174,7 +176,9 @@ function M.apply_plan(model, plan, opts)
     for _, pn in ipairs(spec.params) do
       local e = params[pn]
       if not e then core.raise(("apply_plan: unit %s names parameter '%s', which the model does not have"):format(spec.name, pn)) end
-      if Module.shard_of[e[2]] then core.raise(("apply_plan: parameter '%s' is already sharded (fully_shard)"):format(pn)) end
+      if Tensor.local_of(e.full) ~= e.full then
+        core.raise(("apply_plan: parameter '%s' is already sharded (fully_shard)"):format(pn))
+      end
       plist[#plist + 1] = e
     end
     local names = {}
@@ -192,10 +196,10 @@ function M.apply_plan(model, plan, opts)
     if #plist > 0 then work[#work + 1] = {spec, plist, mlist} end
   end
   check_same_units(units, params, opts.mesh)
-  local group = new_group()
+  local group = M.new_group()
   group.mesh = opts.mesh   -- its process groups must live as long as the units that use them
   for _, w in ipairs(work) do make_unit(group, w[1], w[2], w[3], opts) end
-  rawset(model, "_fsdp_group", group)
+  require("fsdp.parallel.fsdp_module").attach(model, group)
   return model
 end
 
@@ -210,7 +214,7 @@ function M.fully_shard(target, opts)
   opts = core.check_opts("fully_shard", opts, FULLY_SHARD, 2)
   local list = (getmetatable(target) ~= nil and rawget(target, "_params")) and {target} or target
   if type(list) ~= "table" or #list == 0 then core.raise("fully_shard: expected a module or a list of modules") end
-  local mp = require("fsdp.plan").mixed_precision(opts.mp_policy, "fully_shard")
+  local mp = require("fsdp.parallel.plan").mixed_precision(opts.mp_policy, "fully_shard")
   for _, m in ipairs(list) do
     if rawget(m, "_fsdp_unit") then
       core.raise(("fully_shard %s: module already belongs to unit %s"):format(m.__name or "module", m._fsdp_unit.name))
@@ -221,11 +225,9 @@ function M.fully_shard(target, opts)
   for _, m in ipairs(list) do
     for _, e in ipairs(m:full_parameter_list()) do
       local t = e[2]
-      if not Module.shard_of[t] and not claimed[t] then
+      if Tensor.local_of(t) == t and not claimed[t] then
         claimed[t] = true
-        e[5] = t.device == "meta"
-        e[6] = true   -- names are local to the module: defer the initialisation to materialize
-        plist[#plist + 1] = e
+        plist[#plist + 1] = param_record(e, true)   -- names are local to the module: materialize initialises
       end
     end
   end
@@ -241,7 +243,7 @@ function M.fully_shard(target, opts)
       if g then subs[#subs + 1] = sub; group = group or g end
     end
   end
-  group = group or new_group()
+  group = group or M.new_group()
   for _, sub in ipairs(subs) do
     local g = sub._fsdp_group
     if g ~= group then
@@ -252,79 +254,9 @@ function M.fully_shard(target, opts)
     rawset(sub, "_fsdp_group", group)
   end
   local u = make_unit(group, spec, plist, list, opts)
-  for _, m in ipairs(list) do rawset(m, "_fsdp_group", group) end  -- the last call's module is the root
+  local fm = require "fsdp.parallel.fsdp_module"
+  for _, m in ipairs(list) do fm.attach(m, group) end  -- the last call's module is the root
   return u
-end
-
--- Gradient sync for accumulation micro-steps (FSDP2's set_requires_gradient_sync).
-function M.set_requires_gradient_sync(model, on)
-  local g = rawget(model, "_fsdp_group")
-  if not g then error("set_requires_gradient_sync: the model is not sharded", 2) end
-  for _, u in ipairs(g.units) do C.fl_fsdp_set_sync(u.ptr, on and true or false) end
-end
-
--- The units of a sharded model with this rank's rows of each parameter.
-function M.shards(model)
-  local g = rawget(model, "_fsdp_group")
-  if not g then error("shards: the model is not sharded", 2) end
-  local out = {}
-  for i, u in ipairs(g.units) do
-    local ps = {}
-    for j, e in ipairs(u.params) do
-      local row0 = tonumber(C.fl_fsdp_unit_shard_row0(u.ptr, j - 1))
-      ps[j] = {name = e[1], shape = e[2]:shape(), first_row = row0, rows = u.shards[j]:size(1)}
-    end
-    out[i] = {name = u.name, params = ps, unsharded = C.fl_fsdp_is_unsharded(u.ptr)}
-  end
-  return out
-end
-
-function M.group(model) return rawget(model, "_fsdp_group") end
-
--- Units of the model holding full weights right now, and the most reshard-after-forward units held at once.
-function M.unsharded_count(model, freeing_only)
-  return C.fl_fsdp_group_unsharded_count(M.group(model).ptr, freeing_only and true or false)
-end
-
-function M.peak_unsharded(model, reset)
-  return C.fl_fsdp_group_peak_unsharded(M.group(model).ptr, reset and true or false)
-end
-
--- Current and peak bytes per category on this rank.
-function M.memory_stats()
-  local out = {}
-  for name, id in pairs(core.mem_categories) do
-    out[name] = {current = tonumber(C.fl_mem_current(id)), peak = tonumber(C.fl_mem_peak(id))}
-  end
-  out.total = {current = tonumber(C.fl_mem_total_current()), peak = tonumber(C.fl_mem_total_peak())}
-  return out
-end
-
-function M.reset_peak_memory() C.fl_mem_reset_peak() end
-
--- full_state_dict(model, {rank0_only = false}) -> {name = full f32 tensor}: gathers every parameter's f32 shards
--- (the master weights, also under mixed precision); every rank must call it. Names are the HF names.
-local FSD_OPTS = {rank0_only = true}
-function M.full_state_dict(model, opts)
-  opts = core.check_opts("full_state_dict", opts, FSD_OPTS, 2)
-  local g = rawget(model, "_fsdp_group")
-  local out = {}
-  local keep = not opts.rank0_only or dist().rank() == 0
-  if not g then
-    for _, e in ipairs(model:parameter_list()) do if keep then out[e[1]] = e[2]:detach():contiguous() end end
-    return out
-  end
-  local name_of = {}   -- units made by fully_shard on a submodule know only local names
-  for _, e in ipairs(model:full_parameter_list()) do name_of[e[2]] = e[1] end
-  for _, u in ipairs(g.units) do
-    for i, e in ipairs(u.params) do
-      -- the f32 shards themselves (master weights), not the gathered param_dtype copies
-      local full = Tensor.empty(e[2]:shape(), {dtype = "f32"})
-      core.check(C.fl_fsdp_gather_param(u.ptr, i - 1, full._p), "full_state_dict " .. u.name, 2)
-      if keep then out[name_of[e[2]] or e[1]] = full else full:free() end
-    end
-  end
-  return out
 end
 
 return M

@@ -1,8 +1,10 @@
--- lua/fsdp/ddp.lua: fsdp.ddp(model, opts) — plain data parallelism, as torch's DistributedDataParallel: every
--- rank holds the whole model, rank 0's weights are broadcast at wrap time, and each backward averages the
--- gradients over the group (engine/ddp.c does the work, in buckets). The parity baseline for FSDP.
-local ffi  = require "ffi"
-local core = require "fsdp.core"
+-- lua/fsdp/parallel/ddp.lua: fsdp.ddp(model, opts) — plain data parallelism, as torch's DistributedDataParallel:
+-- every rank holds the whole model, rank 0's weights are broadcast at wrap time, and each backward averages the
+-- gradients over the group (engine/ddp.c does the work, in buckets). The parity baseline for FSDP. The model
+-- takes a DDP class (Module.extend) with the sync methods, and a forward pre-hook arms the reduction.
+local ffi    = require "ffi"
+local core   = require "fsdp.core"
+local Module = require "fsdp.nn.module"
 
 local C = core.C
 
@@ -24,6 +26,30 @@ local function group_of(mesh)
   local ok, flat = pcall(function() return mesh[name] end)   -- flattened before (by an earlier ddp)
   if not ok then flat = mesh:flatten(names, name) end
   return flat:group(), flat
+end
+
+-- The methods of a DDP model (its class from Module.extend); the state is model.ddp.
+local METHODS = {}
+
+function METHODS.set_requires_gradient_sync(self, on)
+  if type(on) ~= "boolean" then
+    error(("set_requires_gradient_sync: expected a boolean, got %s"):format(type(on)), 2)
+  end
+  C.fl_ddp_set_sync(self.ddp.handle, on)
+end
+
+function METHODS.requires_gradient_sync(self) return C.fl_ddp_get_sync(self.ddp.handle) end
+
+-- no_sync(fn, ...): runs fn with gradient sync off and restores it after, also when fn raises.
+function METHODS.no_sync(self, fn, ...)
+  if type(fn) ~= "function" then error(("no_sync: expected a function, got %s"):format(type(fn)), 2) end
+  local h = self.ddp.handle
+  local was = C.fl_ddp_get_sync(h)
+  C.fl_ddp_set_sync(h, false)
+  local res = pack(pcall(fn, ...))
+  C.fl_ddp_set_sync(h, was)
+  if not res[1] then error(res[2], 0) end
+  return unpack(res, 2, res.n)
 end
 
 -- ddp(model, {mesh =, bucket_cap_mb = 25}) -> model, wrapped in place: model.ddp holds the state (and keeps the
@@ -87,30 +113,8 @@ local function ddp(model, opts)
 
   -- The forward arms the reduction of the backward that follows (torch's prepare_for_backward): a backward
   -- that did not come from this model's forward never communicates, so dropping an old model is safe.
-  local inner_forward = model.forward
-  rawset(model, "forward", function(self, ...)
-    C.fl_ddp_prepare_backward(state.handle)
-    return inner_forward(self, ...)
-  end)
-
-  rawset(model, "set_requires_gradient_sync", function(self, on)
-    if type(on) ~= "boolean" then
-      error(("set_requires_gradient_sync: expected a boolean, got %s"):format(type(on)), 2)
-    end
-    C.fl_ddp_set_sync(state.handle, on)
-  end)
-  rawset(model, "requires_gradient_sync", function() return C.fl_ddp_get_sync(state.handle) end)
-
-  -- no_sync(fn, ...): runs fn with gradient sync off and restores it after, also when fn raises.
-  rawset(model, "no_sync", function(self, fn, ...)
-    if type(fn) ~= "function" then error(("no_sync: expected a function, got %s"):format(type(fn)), 2) end
-    local was = C.fl_ddp_get_sync(state.handle)
-    C.fl_ddp_set_sync(state.handle, false)
-    local res = pack(pcall(fn, ...))
-    C.fl_ddp_set_sync(state.handle, was)
-    if not res[1] then error(res[2], 0) end
-    return unpack(res, 2, res.n)
-  end)
+  state.hook = model:register_forward_pre_hook(function() C.fl_ddp_prepare_backward(state.handle) end)
+  Module.extend(model, "DDP", METHODS)
   return model
 end
 
