@@ -17,7 +17,9 @@ local M = {}
 
 M.root = (debug.getinfo(1, "S").source:match("^@(.*)spec/support/dist%.lua$") or "")
 if M.root == "" then M.root = "./" end
-M.exe = M.root .. "build/fsdp-lua"
+-- FSDP_BUILD (set by spec/run.sh) picks the build under test, e.g. build-asan for make check-asan.
+M.build = os.getenv("FSDP_BUILD") or "build"
+M.exe = M.root .. M.build .. "/fsdp-lua"
 
 local function q(s) return "'" .. tostring(s):gsub("'", "'\\''") .. "'" end
 M.quote = q
