@@ -93,7 +93,7 @@ local function ddp(model, opts)
     return inner_forward(self, ...)
   end)
 
-  rawset(model, "set_requires_gradient_sync", function(self, on)
+  rawset(model, "set_requires_gradient_sync", function(_self, on)
     if type(on) ~= "boolean" then
       error(("set_requires_gradient_sync: expected a boolean, got %s"):format(type(on)), 2)
     end
@@ -102,7 +102,7 @@ local function ddp(model, opts)
   rawset(model, "requires_gradient_sync", function() return C.fl_ddp_get_sync(state.handle) end)
 
   -- no_sync(fn, ...): runs fn with gradient sync off and restores it after, also when fn raises.
-  rawset(model, "no_sync", function(self, fn, ...)
+  rawset(model, "no_sync", function(_self, fn, ...)
     if type(fn) ~= "function" then error(("no_sync: expected a function, got %s"):format(type(fn)), 2) end
     local was = C.fl_ddp_get_sync(state.handle)
     C.fl_ddp_set_sync(state.handle, false)
