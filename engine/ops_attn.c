@@ -145,7 +145,7 @@ static int attn_forward(const attn_geo *g, char *out, char *lse) {
         if (!s || (g->p > 0 && !w)) { rc = FL_ENOMEM; free(s); free(w); continue; }
         /* S = scale Q K^T over the visible keys */
         fl_gemm_call(g->dt, false, true, bq, klen, g->hd, g->scale, qptr(g, b, h, i0), g->sq[1], kptr(g, b, kvh, klo), g->sk[1], 0.0, s, klen);
-        char *l = lse + (size_t)((b * g->nh + h) * g->t + i0) * g->es;
+        void *l = lse + (size_t)((b * g->nh + h) * g->t + i0) * g->es;  /* rows of dtype dt: void, not char */
         if (g->dt == FL_F32) softmax_rows_float(g, s, i0, bq, klo, klen, (float *)l);
         else softmax_rows_double(g, s, i0, bq, klo, klen, (double *)l);
         if (g->p > 0) {  /* lse stays that of the un-dropped P: backward recomputes P, then the mask */
@@ -170,7 +170,7 @@ static int attn_backward_raw(const attn_geo *g, const char *lse, const char *dou
     for (int64_t task = 0; task < tasks; task++) {
         int64_t b = task / g->nkv, kvh = task % g->nkv;
         size_t cap = g->es * (size_t)(ATTN_BQ * g->t);
-        char *s = malloc(cap), *dp = malloc(cap), *dd = malloc(g->es * ATTN_BQ);
+        void *s = malloc(cap), *dp = malloc(cap), *dd = malloc(g->es * ATTN_BQ);  /* of dtype dt */
         uint32_t *w = g->p > 0 ? malloc(sizeof *w * (size_t)g->t) : NULL;
         if (!s || !dp || !dd || (g->p > 0 && !w)) { rc = FL_ENOMEM; free(s); free(dp); free(dd); free(w); continue; }
         char *dkb = dk + (size_t)(b * g->t * ldk + kvh * g->hd) * g->es, *dvb = dv + (size_t)(b * g->t * ldk + kvh * g->hd) * g->es;
@@ -181,8 +181,8 @@ static int attn_backward_raw(const attn_geo *g, const char *lse, const char *dou
                 key_range(g, i0, i1, &klo, &khi);
                 int64_t klen = khi - klo;
                 size_t off = (size_t)((b * g->t + i0) * ldo + h * g->hd);
-                const char *dob = dout + off * g->es, *ob = o + off * g->es;
-                const char *l = lse + (size_t)((b * g->nh + h) * g->t + i0) * g->es;
+                const void *dob = dout + off * g->es, *ob = o + off * g->es;
+                const void *l = lse + (size_t)((b * g->nh + h) * g->t + i0) * g->es;
                 /* D_i = rowsum(dO * O) */
                 for (int64_t r = 0; r < bq; r++) {
                     double acc = 0;
