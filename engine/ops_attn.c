@@ -142,7 +142,11 @@ static int attn_forward(const attn_geo *g, char *out, char *lse) {
         int64_t klen = khi - klo;
         void *s = malloc(g->es * (size_t)(bq * klen));
         uint32_t *w = g->p > 0 ? malloc(sizeof *w * (size_t)klen) : NULL;
-        if (!s || (g->p > 0 && !w)) { rc = FL_ENOMEM; free(s); free(w); continue; }
+        if (!s || (g->p > 0 && !w)) {
+            #pragma omp atomic write
+            rc = FL_ENOMEM;   /* any thread may fail: atomic, and reported once after the loop */
+            free(s); free(w); continue;
+        }
         /* S = scale Q K^T over the visible keys */
         fl_gemm_call(g->dt, false, true, bq, klen, g->hd, g->scale, qptr(g, b, h, i0), g->sq[1], kptr(g, b, kvh, klo), g->sk[1], 0.0, s, klen);
         void *l = lse + (size_t)((b * g->nh + h) * g->t + i0) * g->es;  /* rows of dtype dt: void, not char */
@@ -157,7 +161,7 @@ static int attn_forward(const attn_geo *g, char *out, char *lse) {
              out + (size_t)((b * g->t + i0) * ldo + h * g->hd) * g->es, ldo);
         free(s); free(w);
     }
-    return rc;
+    return rc;   /* fl_attention names the buffers */
 }
 
 /* dq [B,T,nH,hd], dk/dv [B,T,nKV,hd], all contiguous, dk/dv zeroed. dO and O contiguous [B,T,nH,hd]. */
@@ -172,7 +176,11 @@ static int attn_backward_raw(const attn_geo *g, const char *lse, const char *dou
         size_t cap = g->es * (size_t)(ATTN_BQ * g->t);
         void *s = malloc(cap), *dp = malloc(cap), *dd = malloc(g->es * ATTN_BQ);  /* of dtype dt */
         uint32_t *w = g->p > 0 ? malloc(sizeof *w * (size_t)g->t) : NULL;
-        if (!s || !dp || !dd || (g->p > 0 && !w)) { rc = FL_ENOMEM; free(s); free(dp); free(dd); free(w); continue; }
+        if (!s || !dp || !dd || (g->p > 0 && !w)) {
+            #pragma omp atomic write
+            rc = FL_ENOMEM;   /* any thread may fail: atomic, and reported once after the loop */
+            free(s); free(dp); free(dd); free(w); continue;
+        }
         char *dkb = dk + (size_t)(b * g->t * ldk + kvh * g->hd) * g->es, *dvb = dv + (size_t)(b * g->t * ldk + kvh * g->hd) * g->es;
         /* dK/dV of this kv head: the group's query heads in order, then query blocks in order */
         for (int64_t h = kvh * group; h < (kvh + 1) * group; h++)
