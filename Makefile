@@ -1,4 +1,5 @@
-# fsdp-lua build. `make` builds build/fsdp-lua and build/libfsdp.so; `make test`, `make demo`, `make bench`.
+# fsdp-lua build. `make` builds build/fsdp-lua and build/libfsdp.so; `make test`, `make check`, `make demo`,
+# `make bench`.
 # `make CUDA=1` also compiles kernels/ with nvcc and links cuBLAS.
 CC      ?= gcc
 BUILD   := build
@@ -34,7 +35,7 @@ LDLIBS  += -L$(CUDA_HOME)/lib64 -lcudart -lcublas -lstdc++  # nvcc host code nee
 NVFLAGS ?= -O3 -arch=sm_90 -Xcompiler -fPIC -Iengine -Ikernels
 endif
 
-.PHONY: all binaries deps test demo bench clean install
+.PHONY: all binaries deps test check check-deps check-lua check-c check-asan demo bench clean install
 # deps first, then a fresh make: the compiler flags above ask mpicc and pkg-config, which deps installs.
 all: deps
 	@$(MAKE) --no-print-directory binaries
@@ -74,6 +75,29 @@ $(CDEF): engine/fsdp.h
 test: all
 	@CI=$(CI) spec/run.sh
 
+# make check: the checks that must stay clean, each failing on any finding. luacheck reads .luacheckrc;
+# cppcheck sees the build's include paths; then every spec (C, busted, multi-rank) against an ASan + UBSan build
+# in build-asan (spec/run.sh says how the sanitizer runtime is loaded). About 3 minutes on 2 cores.
+CHECK_PKGS := lua-check cppcheck
+CPPCHECK_FLAGS := --enable=warning,performance,portability --inline-suppr --error-exitcode=1 --std=c11 --quiet \
+                  -D_GNU_SOURCE -Iengine -Ikernels -I$(BLAS_INC) $(filter -I%,$(MPI_CFLAGS)) \
+                  --template='{file}:{line}: {severity}: {message} [{id}]'
+check: check-lua check-c check-asan
+	@echo "make check: luacheck, cppcheck and the sanitizer specs are clean"
+
+check-deps:
+	@$(MAKE) --no-print-directory deps DEB_PKGS="$(CHECK_PKGS)"
+
+check-lua: check-deps
+	luacheck --no-color --codes --formatter plain lua/ examples/
+
+check-c: check-deps
+	cppcheck $(CPPCHECK_FLAGS) engine/ $(wildcard kernels/*.h)
+
+check-asan: deps
+	@$(MAKE) --no-print-directory BUILD=build-asan SANITIZE=address,undefined binaries
+	@FSDP_BUILD=build-asan FSDP_SANITIZE=address,undefined spec/run.sh
+
 demo: all
 	$(BUILD)/fsdp-lua examples/train.lua --time 110
 
@@ -88,4 +112,4 @@ install: all
 	install -m 755 $(BUILD)/fsdp-lua $(PREFIX)/bin/fsdp-lua
 
 clean:
-	rm -rf $(BUILD) $(CDEF)
+	rm -rf $(BUILD) build-asan $(CDEF)

@@ -250,9 +250,9 @@ static int accumulate(fl_tensor **slot, fl_tensor *g) {
     if (!*slot) { *slot = g; return FL_OK; }
     fl_tensor *s = *slot;
     if (s->refcount == 1 && s->storage->refcount == 1 && fl_tensor_is_contiguous(s) && s->dtype == g->dtype) {
-        int rc = fl_add_(s, g, 1.0) < 0 ? FL_EINVAL : FL_OK;
+        int rc = fl_add_(s, g, 1.0);   /* its own code: FL_ENOMEM stays FL_ENOMEM */
         fl_tensor_release(g);
-        return rc;
+        return rc < 0 ? rc : FL_OK;
     }
     fl_tensor *sum = fl_add(s, g);
     fl_tensor_release(g);
@@ -371,9 +371,13 @@ static int backward_run(fl_tensor *root, const fl_tensor *grad, bool retain_grap
     if (rc == FL_OK) {
         node_state *rs = lookup(&e, root->grad_fn, false);
         rs->grads = calloc((size_t)root->grad_fn->n_out, sizeof(fl_tensor *));
-        rs->grads[root->out_index] = g0;
-        g0 = NULL;
-        rc = heap_push(&e, root->grad_fn);
+        if (!rs->grads) {
+            rc = fl_fail(FL_ENOMEM, "backward: out of memory");
+        } else {
+            rs->grads[root->out_index] = g0;
+            g0 = NULL;
+            rc = heap_push(&e, root->grad_fn);
+        }
     }
     fl_tensor_release(g0);
     fl_tensor **gin = NULL;
@@ -401,7 +405,10 @@ static int backward_run(fl_tensor *root, const fl_tensor *grad, bool retain_grap
             gin = ng;
         }
         memset(gin, 0, sizeof *gin * (size_t)n->n_in);
-        if (!st->grads) st->grads = calloc((size_t)n->n_out, sizeof(fl_tensor *));
+        if (!st->grads && !(st->grads = calloc((size_t)n->n_out, sizeof(fl_tensor *)))) {
+            rc = fl_fail(FL_ENOMEM, "backward of %s: out of memory", n->name);
+            break;
+        }
         if (n->custom) {
             grad_enabled = was;
             rc = n->custom(n->custom_id, n->n_out, st->grads, n->n_in, gin);
@@ -420,9 +427,12 @@ static int backward_run(fl_tensor *root, const fl_tensor *grad, bool retain_grap
                 if (gin[i]) {
                     rc = check_grad_in(n, i, gin[i]);
                     if (rc == FL_OK) {
-                        if (!ns->grads) ns->grads = calloc((size_t)ed->node->n_out, sizeof(fl_tensor *));
-                        rc = accumulate(&ns->grads[ed->slot], gin[i]);
-                        gin[i] = NULL;
+                        if (!ns->grads && !(ns->grads = calloc((size_t)ed->node->n_out, sizeof(fl_tensor *)))) {
+                            rc = fl_fail(FL_ENOMEM, "backward of %s: out of memory", n->name);  /* gin[i] released below */
+                        } else {
+                            rc = accumulate(&ns->grads[ed->slot], gin[i]);
+                            gin[i] = NULL;
+                        }
                     }
                 }
                 if (rc == FL_OK && --ns->deps == 0) rc = heap_push(&e, ed->node);
@@ -461,6 +471,10 @@ int fl_custom_node(const char *name, int64_t id, fl_custom_backward_fn fn, int32
     if (!n) return 0;
     /* The name outlives the call: keep our own copy in ctx. */
     char *copy = strdup(name ? name : "custom");
+    if (!copy) {
+        fl_node_release(n);
+        return fl_fail(FL_ENOMEM, "custom_node: out of memory for the name");
+    }
     n->ctx = copy;
     n->name = copy;
     n->destroy = free_ctx;

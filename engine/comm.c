@@ -77,6 +77,7 @@ static volatile bool skip_comm = false;
 static const double DEPARTURE_GRACE_S = 2.0, WAIT_SLICE_S = 0.1;
 static pthread_mutex_t departed_mu = PTHREAD_MUTEX_INITIALIZER;   /* serialises polls of the channel */
 static double *departed_at = NULL;                                 /* [world size]: 0, or when it was seen */
+static double aborting_since = 0;   /* when a peer announced that it aborts the job (0: none has) */
 static int32_t departed_member(const fl_comm *c, double *since);
 static void departed_abort(int32_t gone, const char *what, const char *group);
 
@@ -562,7 +563,12 @@ int fl_dist_finalize(void) {
             int32_t missing = -1;
             for (int32_t r = 0; r < world->size && missing < 0; r++)
                 if (r != world->rank && departed_at[r] == 0) missing = r;
-            if (missing < 0) break;
+            if (aborting_since > 0) {
+                /* mpirun kills this rank at once; should it not, leave without its exit code counting first */
+                if (now_s() > aborting_since + 10) _exit(1);
+            } else if (missing < 0) {
+                break;
+            }
             if (now_s() >= deadline) {
                 char msg[256];
                 snprintf(msg, sizeof msg, "fsdp: finalize: rank %d did not finish its script within %g s of this rank",
@@ -675,9 +681,9 @@ static int32_t departed_member(const fl_comm *c, double *since) {
     pthread_mutex_lock(&departed_mu);
     int32_t kind = 0;
     for (int32_t r; (r = fl_mpi_poll_announced(&kind)) >= 0;) {
-        /* a peer aborts the job and has printed why: leave at once, quietly (never into MPI_Finalize's fence,
-         * which would hang Open MPI's launcher while the job is torn down) */
-        if (kind == 1) _exit(1);
+        /* a peer aborts the job and has printed why; mpirun is ending the job. Finalize must then not enter
+         * MPI_Finalize's fence, which would hang Open MPI's launcher while it tears the job down. */
+        if (kind == 1 && aborting_since == 0) aborting_since = now_s();
         if (r < world->size && departed_at[r] == 0) departed_at[r] = now_s();
     }
     int32_t gone = -1;
@@ -977,31 +983,31 @@ int fl_comm_check(fl_comm *c, const char *what, int32_t dtype, int64_t numel) {
 /* ---- blocking forms ---- */
 int fl_all_gather(fl_comm *c, fl_tensor *out, const fl_tensor *in) {
     fl_work *w = fl_all_gather_async(c, out, in);
-    return w ? fl_work_wait(w) : FL_EINVAL;
+    return w ? fl_work_wait(w) : fl_last_status();   /* the async call's own code */
 }
 int fl_reduce_scatter(fl_comm *c, fl_tensor *out, const fl_tensor *in, int32_t op) {
     fl_work *w = fl_reduce_scatter_async(c, out, in, op);
-    return w ? fl_work_wait(w) : FL_EINVAL;
+    return w ? fl_work_wait(w) : fl_last_status();   /* the async call's own code */
 }
 int fl_all_reduce(fl_comm *c, fl_tensor *t, int32_t op) {
     fl_work *w = fl_all_reduce_async(c, t, op);
-    return w ? fl_work_wait(w) : FL_EINVAL;
+    return w ? fl_work_wait(w) : fl_last_status();   /* the async call's own code */
 }
 int fl_broadcast(fl_comm *c, fl_tensor *t, int32_t root) {
     fl_work *w = fl_broadcast_async(c, t, root);
-    return w ? fl_work_wait(w) : FL_EINVAL;
+    return w ? fl_work_wait(w) : fl_last_status();   /* the async call's own code */
 }
 int fl_barrier(fl_comm *c) {
     fl_work *w = fl_barrier_async(c);
-    return w ? fl_work_wait(w) : FL_EINVAL;
+    return w ? fl_work_wait(w) : fl_last_status();   /* the async call's own code */
 }
 int fl_send(fl_comm *c, const fl_tensor *t, int32_t dst, int32_t tag) {
     fl_work *w = fl_send_async(c, t, dst, tag);
-    return w ? fl_work_wait(w) : FL_EINVAL;
+    return w ? fl_work_wait(w) : fl_last_status();   /* the async call's own code */
 }
 int fl_recv(fl_comm *c, fl_tensor *t, int32_t src, int32_t tag) {
     fl_work *w = fl_recv_async(c, t, src, tag);
-    return w ? fl_work_wait(w) : FL_EINVAL;
+    return w ? fl_work_wait(w) : fl_last_status();   /* the async call's own code */
 }
 
 /* ---- accounting and the bench's switch ---- */

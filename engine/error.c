@@ -5,8 +5,10 @@
 #include <stdio.h>
 
 static _Thread_local char fl_err[1024];
+static _Thread_local int fl_err_code = FL_OK;   /* the code of the last failure: what a NULL return meant */
 
 int fl_fail(int code, const char *fmt, ...) {
+    fl_err_code = code;
     va_list ap;
     va_start(ap, fmt);
     vsnprintf(fl_err, sizeof fl_err, fmt, ap);
@@ -15,7 +17,7 @@ int fl_fail(int code, const char *fmt, ...) {
 }
 
 void *fl_fail_null(int code, const char *fmt, ...) {
-    (void)code;
+    fl_err_code = code;
     va_list ap;
     va_start(ap, fmt);
     vsnprintf(fl_err, sizeof fl_err, fmt, ap);
@@ -31,5 +33,7 @@ void fl_error_prefix(const char *what) {
 }
 
 const char *fl_last_error(void) { return fl_err; }
+
+int fl_last_status(void) { return fl_err_code < 0 ? fl_err_code : FL_EINVAL; }
 
 const char *fl_version(void) { return "0.1.0"; }

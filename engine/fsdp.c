@@ -485,7 +485,7 @@ static int finish_reduce(fl_fsdp_unit *u) {
         } else {
             float *d = fl_tensor_data(g);
             if (u->reduce_dtype == FL_F32) {
-                const float *s = (const float *)(out + (size_t)p->flat_off * es);
+                const float *s = (const float *)fl_tensor_data(u->rs_out) + p->flat_off;
                 for (int64_t k = 0; k < cnt; k++) d[k] += s[k];
             } else {
                 for (int64_t k = 0; k < cnt; k++) d[k] += (float)fl_load_elem(out, u->reduce_dtype, p->flat_off + k);

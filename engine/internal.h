@@ -14,6 +14,8 @@
 /* ---- errors (error.c) ---- */
 int fl_fail(int code, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 void *fl_fail_null(int code, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* The code (negative enum fl_status) of this thread's last fl_fail / fl_fail_null: what a NULL return meant. */
+int fl_last_status(void);
 /* Prefixes the current message with "what: " (for errors passed up through a caller). */
 void fl_error_prefix(const char *what);
 

@@ -142,10 +142,14 @@ static int attn_forward(const attn_geo *g, char *out, char *lse) {
         int64_t klen = khi - klo;
         void *s = malloc(g->es * (size_t)(bq * klen));
         uint32_t *w = g->p > 0 ? malloc(sizeof *w * (size_t)klen) : NULL;
-        if (!s || (g->p > 0 && !w)) { rc = FL_ENOMEM; free(s); free(w); continue; }
+        if (!s || (g->p > 0 && !w)) {
+            #pragma omp atomic write
+            rc = FL_ENOMEM;   /* any thread may fail: atomic, and reported once after the loop */
+            free(s); free(w); continue;
+        }
         /* S = scale Q K^T over the visible keys */
         fl_gemm_call(g->dt, false, true, bq, klen, g->hd, g->scale, qptr(g, b, h, i0), g->sq[1], kptr(g, b, kvh, klo), g->sk[1], 0.0, s, klen);
-        char *l = lse + (size_t)((b * g->nh + h) * g->t + i0) * g->es;
+        void *l = lse + (size_t)((b * g->nh + h) * g->t + i0) * g->es;  /* rows of dtype dt: void, not char */
         if (g->dt == FL_F32) softmax_rows_float(g, s, i0, bq, klo, klen, (float *)l);
         else softmax_rows_double(g, s, i0, bq, klo, klen, (double *)l);
         if (g->p > 0) {  /* lse stays that of the un-dropped P: backward recomputes P, then the mask */
@@ -157,7 +161,7 @@ static int attn_forward(const attn_geo *g, char *out, char *lse) {
              out + (size_t)((b * g->t + i0) * ldo + h * g->hd) * g->es, ldo);
         free(s); free(w);
     }
-    return rc;
+    return rc;   /* fl_attention names the buffers */
 }
 
 /* dq [B,T,nH,hd], dk/dv [B,T,nKV,hd], all contiguous, dk/dv zeroed. dO and O contiguous [B,T,nH,hd]. */
@@ -170,9 +174,13 @@ static int attn_backward_raw(const attn_geo *g, const char *lse, const char *dou
     for (int64_t task = 0; task < tasks; task++) {
         int64_t b = task / g->nkv, kvh = task % g->nkv;
         size_t cap = g->es * (size_t)(ATTN_BQ * g->t);
-        char *s = malloc(cap), *dp = malloc(cap), *dd = malloc(g->es * ATTN_BQ);
+        void *s = malloc(cap), *dp = malloc(cap), *dd = malloc(g->es * ATTN_BQ);  /* of dtype dt */
         uint32_t *w = g->p > 0 ? malloc(sizeof *w * (size_t)g->t) : NULL;
-        if (!s || !dp || !dd || (g->p > 0 && !w)) { rc = FL_ENOMEM; free(s); free(dp); free(dd); free(w); continue; }
+        if (!s || !dp || !dd || (g->p > 0 && !w)) {
+            #pragma omp atomic write
+            rc = FL_ENOMEM;   /* any thread may fail: atomic, and reported once after the loop */
+            free(s); free(dp); free(dd); free(w); continue;
+        }
         char *dkb = dk + (size_t)(b * g->t * ldk + kvh * g->hd) * g->es, *dvb = dv + (size_t)(b * g->t * ldk + kvh * g->hd) * g->es;
         /* dK/dV of this kv head: the group's query heads in order, then query blocks in order */
         for (int64_t h = kvh * group; h < (kvh + 1) * group; h++)
@@ -181,8 +189,8 @@ static int attn_backward_raw(const attn_geo *g, const char *lse, const char *dou
                 key_range(g, i0, i1, &klo, &khi);
                 int64_t klen = khi - klo;
                 size_t off = (size_t)((b * g->t + i0) * ldo + h * g->hd);
-                const char *dob = dout + off * g->es, *ob = o + off * g->es;
-                const char *l = lse + (size_t)((b * g->nh + h) * g->t + i0) * g->es;
+                const void *dob = dout + off * g->es, *ob = o + off * g->es;
+                const void *l = lse + (size_t)((b * g->nh + h) * g->t + i0) * g->es;
                 /* D_i = rowsum(dO * O) */
                 for (int64_t r = 0; r < bq; r++) {
                     double acc = 0;

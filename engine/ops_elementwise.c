@@ -189,8 +189,11 @@ int fl_add_(fl_tensor *a, const fl_tensor *b, double alpha) {
     if (!fl_same_shape(a, b) && fl_tensor_numel(b) != n)
         return fl_fail(FL_EINVAL, "add_: shapes %s and %s differ", fl_shape_str(a), fl_shape_str(b));
     if (!fl_tensor_is_contiguous(a)) return fl_fail(FL_EINVAL, "add_: destination %s is not contiguous", fl_shape_str(a));
-    fl_tensor *bc = fl_tensor_is_contiguous(b) ? NULL : fl_tensor_empty(b->ndim, b->shape, b->dtype, FL_CPU);
-    if (bc) fl_copy_strided(b, fl_tensor_data(bc));
+    fl_tensor *bc = NULL;
+    if (!fl_tensor_is_contiguous(b)) {   /* strided source: read it through one contiguous copy */
+        if (!(bc = fl_tensor_empty(b->ndim, b->shape, b->dtype, FL_CPU))) return fl_fail(FL_ENOMEM, "add_: out of memory for a copy of %s", fl_shape_str(b));
+        fl_copy_strided(b, fl_tensor_data(bc));
+    }
     const void *pb = fl_tensor_data(bc ? bc : b);
     if (lowp) add_lowp(a, pb, b->dtype, n, alpha);
     else if (a->dtype == FL_F32) {

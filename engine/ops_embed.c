@@ -128,7 +128,7 @@ static void rope_apply(const fl_tensor *x, void *out, const float *cs, const flo
     #pragma omp parallel for schedule(static) if (rows * hd > FL_PAR_MIN)
     for (int64_t r = 0; r < rows; r++) {
         int64_t bi = r / (t * nh), ti = (r / nh) % t, hi = r % nh;
-        const char *src = px + (size_t)(bi * x->stride[0] + ti * x->stride[1] + hi * x->stride[2]) * es;
+        const void *src = px + (size_t)(bi * x->stride[0] + ti * x->stride[1] + hi * x->stride[2]) * es;
         const float *c = cs + ti * half, *s = sn + ti * half;
         if (dt == FL_F32) {
             const float *a = (const float *)src;

@@ -68,21 +68,20 @@ static fl_tensor *matmul_raw(const fl_tensor *a0, const fl_tensor *b0, bool ta, 
     int64_t kb = tb ? b->shape[nb - 1] : b->shape[nb - 2], n = tb ? b->shape[nb - 2] : b->shape[nb - 1];
     if (k != kb) { fl_fail(FL_EINVAL, "matmul: shapes %s and %s do not align (%" PRId64 " vs %" PRId64 ")", fl_shape_str(a0), fl_shape_str(b0), k, kb); goto done; }
     int32_t bd = (na > nb ? na : nb) - 2;
-    int64_t bshape[FL_MAX_DIMS], sa[FL_MAX_DIMS], sb[FL_MAX_DIMS], nbatch = 1;
+    /* oshape: the broadcast batch dims [0, bd), then m, n */
+    int64_t oshape[FL_MAX_DIMS], sa[FL_MAX_DIMS], sb[FL_MAX_DIMS], nbatch = 1;
     int64_t stra = m * k, strb = k * n;
     /* batch strides in units of matrices */
     for (int32_t d = bd - 1, da = na - 3, db = nb - 3, acc_a = 1, acc_b = 1; d >= 0; d--, da--, db--) {
         int64_t xa = da >= 0 ? a->shape[da] : 1, xb = db >= 0 ? b->shape[db] : 1;
         if (xa != xb && xa != 1 && xb != 1) { fl_fail(FL_EINVAL, "matmul: batch dims of %s and %s do not broadcast", fl_shape_str(a0), fl_shape_str(b0)); goto done; }
-        bshape[d] = xa > xb ? xa : xb;
+        oshape[d] = xa > xb ? xa : xb;
         sa[d] = xa == 1 ? 0 : acc_a;
         sb[d] = xb == 1 ? 0 : acc_b;
         acc_a *= (int32_t)xa;
         acc_b *= (int32_t)xb;
-        nbatch *= bshape[d];
+        nbatch *= oshape[d];
     }
-    int64_t oshape[FL_MAX_DIMS];
-    memcpy(oshape, bshape, sizeof(int64_t) * (size_t)bd);
     oshape[bd] = m;
     oshape[bd + 1] = n;
     out = fl_tensor_empty(bd + 2, oshape, a->dtype, FL_CPU);
@@ -97,7 +96,7 @@ static fl_tensor *matmul_raw(const fl_tensor *a0, const fl_tensor *b0, bool ta, 
     #pragma omp parallel for schedule(static) if (par_batch)
     for (int64_t i = 0; i < nbatch; i++) {
         int64_t rem = i, ia = 0, ib = 0;
-        for (int32_t d = bd - 1; d >= 0; d--) { int64_t x = rem % bshape[d]; rem /= bshape[d]; ia += x * sa[d]; ib += x * sb[d]; }
+        for (int32_t d = bd - 1; d >= 0; d--) { int64_t x = rem % oshape[d]; rem /= oshape[d]; ia += x * sa[d]; ib += x * sb[d]; }
         if (par_batch)
             fl_gemm_call(a->dtype, ta, tb, m, n, k, 1.0, pa + (size_t)(ia * stra) * es, lda, pb + (size_t)(ib * strb) * es, ldb, 0.0,
                       po + (size_t)(i * m * n) * es, n);

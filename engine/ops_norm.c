@@ -36,7 +36,10 @@ static int layer_norm_backward(fl_node *n, fl_tensor *const *go, fl_tensor **gi)
     int rc = FL_ENOMEM;
     if (!g) goto done;
     if (need_dx && !(dx = fl_tensor_empty(x->ndim, x->shape, dt, FL_CPU))) goto done;
-    if ((need_dw || need_db) && !(part = calloc((size_t)(nb * c * 2 + 1), sizeof(double)))) goto done;
+    if ((need_dw || need_db) && !(part = calloc((size_t)(nb * c * 2 + 1), sizeof(double)))) {
+        rc = fl_fail(FL_ENOMEM, "layer_norm backward: out of memory for %" PRId64 " partial sums", nb * c * 2);
+        goto done;
+    }
     const void *px = fl_tensor_data(x), *pg = fl_tensor_data(g), *pw = w ? fl_tensor_data(w) : NULL;
     const double *s = fl_tensor_data(st);
     void *pdx = dx ? fl_tensor_data(dx) : NULL;
@@ -163,7 +166,10 @@ static int rms_norm_backward(fl_node *n, fl_tensor *const *go, fl_tensor **gi) {
     int rc = FL_ENOMEM;
     if (!g) goto done;
     if (need_dx && !(dx = fl_tensor_empty(x->ndim, x->shape, dt, FL_CPU))) goto done;
-    if (need_dw && !(part = calloc((size_t)(nb * c + 1), sizeof(double)))) goto done;
+    if (need_dw && !(part = calloc((size_t)(nb * c + 1), sizeof(double)))) {
+        rc = fl_fail(FL_ENOMEM, "rms_norm backward: out of memory for %" PRId64 " partial sums", nb * c);
+        goto done;
+    }
     const void *px = fl_tensor_data(x), *pg = fl_tensor_data(g), *pw = w ? fl_tensor_data(w) : NULL;
     const double *s = fl_tensor_data(st);
     void *pdx = dx ? fl_tensor_data(dx) : NULL;

@@ -8,6 +8,19 @@
 static double sum_contig(const void *p, int32_t dt, int64_t n) {
     int64_t nb = (n + FL_SUM_BLOCK - 1) / FL_SUM_BLOCK;
     double stack_part[64], *part = nb <= 64 ? stack_part : malloc(sizeof(double) * (size_t)nb);
+    if (!part) {
+        /* No room for the partial sums (this returns a value, not an error): the same blocks one after another,
+         * combined in the same order, give the same bits on one thread. */
+        double s = 0;
+        for (int64_t b = 0; b < nb; b++) {
+            int64_t lo = b * FL_SUM_BLOCK, hi = fl_min64(n, lo + FL_SUM_BLOCK);
+            double bs = 0;
+            if (dt == FL_F32) for (int64_t i = lo; i < hi; i++) bs += ((const float *)p)[i];
+            else for (int64_t i = lo; i < hi; i++) bs += ((const double *)p)[i];
+            s += bs;
+        }
+        return s;
+    }
     #pragma omp parallel for schedule(static) if (n > FL_PAR_MIN)
     for (int64_t b = 0; b < nb; b++) {
         int64_t lo = b * FL_SUM_BLOCK, hi = fl_min64(n, lo + FL_SUM_BLOCK);
@@ -226,6 +239,10 @@ fl_tensor *fl_max_dim(const fl_tensor *t, int32_t dim, bool keepdim, fl_tensor *
     int32_t nd;
     reduced_geometry(t, d, keepdim, &outer, &n, &inner, shape, &nd);
     fl_tensor *out = fl_tensor_empty(nd, shape, t->dtype, FL_CPU), *idx = fl_tensor_empty(nd, shape, FL_I64, FL_CPU);
+    if (!out || !idx) {   /* fl_tensor_empty set the message */
+        fl_tensor_release(out); fl_tensor_release(idx); fl_tensor_release(c);
+        return NULL;
+    }
     int64_t *ip = fl_tensor_data(idx);
     const void *x = fl_tensor_data(c);
     for (int64_t o = 0; o < outer; o++)

@@ -224,27 +224,35 @@ fl_tensor *fl_cat(int32_t n, fl_tensor *const *ts, int32_t dim) {
     fl_tensor *out = fl_tensor_empty(t0->ndim, shape, t0->dtype, FL_CPU);
     if (!out) return NULL;
     int64_t start = 0;
+    int rc = FL_OK;
     bool was = fl_grad_is_enabled();
     fl_grad_set_enabled(false);
-    for (int32_t i = 0; i < n; i++) {
-        fl_tensor *slice = fl_narrow(out, d, start, ts[i]->shape[d]);
-        fl_tensor_copy_(slice, ts[i]);
+    for (int32_t i = 0; rc == FL_OK && i < n; i++) {
+        fl_tensor *slice = fl_narrow(out, d, start, ts[i]->shape[d]);   /* narrow and copy_ set the message */
+        rc = slice ? fl_tensor_copy_(slice, ts[i]) : FL_ENOMEM;
         fl_tensor_release(slice);
         start += ts[i]->shape[d];
     }
     fl_grad_set_enabled(was);
-    fl_node *nd = fl_node_make("cat", cat_backward, n, (const fl_tensor *const *)ts, 1);
+    fl_node *nd = rc == FL_OK ? fl_node_make("cat", cat_backward, n, (const fl_tensor *const *)ts, 1) : NULL;
     if (nd) {
         cat_ctx *c = calloc(1, sizeof *c);
-        c->n = n;
-        c->sizes = malloc(sizeof(int64_t) * (size_t)n);
-        for (int32_t i = 0; i < n; i++) c->sizes[i] = ts[i]->shape[d];
-        nd->ctx = c;
-        nd->destroy = cat_destroy;
-        nd->i[0] = d;
-        fl_node_set_output(nd, 0, out);
+        int64_t *sizes = malloc(sizeof(int64_t) * (size_t)n);
+        if (!c || !sizes) {
+            free(c); free(sizes);
+            rc = fl_fail(FL_ENOMEM, "cat: out of memory for the backward record of %d tensors", n);
+        } else {
+            c->n = n;
+            c->sizes = sizes;
+            for (int32_t i = 0; i < n; i++) c->sizes[i] = ts[i]->shape[d];
+            nd->ctx = c;
+            nd->destroy = cat_destroy;
+            nd->i[0] = d;
+            fl_node_set_output(nd, 0, out);
+        }
         fl_node_release(nd);
     }
+    if (rc < 0) { fl_tensor_release(out); return NULL; }
     return out;
 }
 

@@ -39,6 +39,7 @@ static double sum_exp_f32(const float *x, int64_t c, float m) {
 
 /* One row of c values at base + j*inner: y = softmax or log_softmax. */
 static void softmax_row(int32_t dt, const void *x, void *y, int64_t base, int64_t c, int64_t inner, bool logsm) {
+    if (c == 0) return;  /* an empty row has no values to write (and its sum, 0, has no log) */
     double m = -INFINITY, s = 0;
     for (int64_t j = 0; j < c; j++) { double v = ld(x, dt, base + j * inner); if (v > m) m = v; }
     if (dt == FL_F32 && inner == 1) {
@@ -56,6 +57,7 @@ static void softmax_row(int32_t dt, const void *x, void *y, int64_t base, int64_
     } else if (dt == FL_F32) {
         float mf = (float)m;
         for (int64_t j = 0; j < c; j++) s += fl_expf(((const float *)x)[base + j * inner] - mf);
+        /* cppcheck-suppress invalidFunctionArg ; c > 0 (checked on entry) and the max adds exp(0) = 1, so s >= 1 */
         float ls = (float)log(s), inv = (float)(1.0 / s);
         for (int64_t j = 0; j < c; j++) {
             float d = ((const float *)x)[base + j * inner] - mf;
@@ -63,6 +65,7 @@ static void softmax_row(int32_t dt, const void *x, void *y, int64_t base, int64_
         }
     } else {
         for (int64_t j = 0; j < c; j++) s += exp(ld(x, dt, base + j * inner) - m);
+        /* cppcheck-suppress invalidFunctionArg ; c > 0 (checked on entry) and the max adds exp(0) = 1, so s >= 1 */
         double ls = log(s);
         for (int64_t j = 0; j < c; j++) {
             double d = ld(x, dt, base + j * inner) - m;

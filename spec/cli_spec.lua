@@ -2,7 +2,7 @@
 -- arguments, exit codes, error tracebacks and the REPL fed through a pipe.
 local root = (debug.getinfo(1, "S").source:match("^@(.*)spec/cli_spec%.lua$") or "")
 if root == "" then root = "./" end
-local exe = root .. "build/fsdp-lua"
+local exe = root .. (os.getenv("FSDP_BUILD") or "build") .. "/fsdp-lua"  -- FSDP_BUILD: see spec/run.sh
 
 -- Runs a shell command line; returns its stdout+stderr and its exit status. HOME points at a scratch dir so
 -- the REPL's history file never lands in the user's home.

@@ -66,7 +66,10 @@ describe("memory over 200 steps", function()
     end
   end
 
-  it("keeps peak RSS at step 200 within 5% of step 20, with no collectgarbage() in the loop", function()
+  -- Under AddressSanitizer (make check-asan) freed blocks wait in its quarantine, 256 MB by default, before they
+  -- are reused, so RSS would measure ASan, not our allocator: the plain build runs this one.
+  local it_rss = (os.getenv("FSDP_SANITIZE") or "") ~= "" and pending or it
+  it_rss("keeps peak RSS at step 200 within 5% of step 20, with no collectgarbage() in the loop", function()
     fsdp.set_num_threads(2)
     local model = tiny_model("gpt2", 3)
     local opt = fsdp.optim.AdamW(model:parameters(), {lr = 1e-3})

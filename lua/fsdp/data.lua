@@ -65,8 +65,8 @@ function M.write_tokens(path, ids, opts)
     local c = ids:contiguous():to("i64")
     n = c:numel()
     local p = c:data_ptr("const int64_t *")
-    get = function(i) return tonumber(p[i]) end
-    ids = c   -- keep alive
+    -- the closure holds c, so the memory p points into lives as long as get does
+    get = function(i) local _ = c; return tonumber(p[i]) end
   elseif type(ids) == "table" then
     n = #ids
     get = function(i) return ids[i + 1] end

@@ -48,7 +48,7 @@ local INIT_OPTS = {seed = true, timeout = true}
 function M.init(opts)
   opts = core.check_opts("fsdp.init", opts, INIT_OPTS, 2)
   local t, s = opts.timeout, opts.seed
-  if t ~= nil and (type(t) ~= "number" or not (t > 0)) then
+  if t ~= nil and (type(t) ~= "number" or not (t > 0)) then  -- luacheck: ignore 581 (not > also rejects NaN)
     error(("fsdp.init: timeout must be a positive number of seconds, got %s"):format(tostring(t)), 2)
   end
   if s ~= nil and (type(s) ~= "number" or s ~= math.floor(s) or s < 0 or s >= 2^53) then
@@ -107,7 +107,7 @@ function Comm:name() return ffi.string(C.fl_comm_name(self._p)) end
 function Comm:global_rank(r) return C.fl_comm_global_rank(self._p, r) end
 function Comm:timeout() return C.fl_comm_get_timeout(self._p) end
 function Comm:set_timeout(s)
-  if type(s) ~= "number" or not (s > 0) then
+  if type(s) ~= "number" or not (s > 0) then  -- luacheck: ignore 581 (not > also rejects NaN)
     error(("set_timeout: expected a positive number of seconds, got %s"):format(tostring(s)), 2)
   end
   C.fl_comm_set_timeout(self._p, s)

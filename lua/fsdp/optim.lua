@@ -226,7 +226,7 @@ function AdamW:validate(g, gi)
   end
 end
 
-function AdamW:check_state(s, id, p, what)
+function AdamW:check_state(s, id, _p, what)
   if type(s.step) ~= "number" or not is_tensor(s.exp_avg) or not is_tensor(s.exp_avg_sq) then
     error(("%s: state of parameter %d needs step, exp_avg and exp_avg_sq"):format(what, id), 3)
   end
@@ -275,7 +275,7 @@ function SGD:validate(g, gi)
   end
 end
 
-function SGD:check_state(s, id, p, what)
+function SGD:check_state(s, id, _p, what)
   if type(s.step) ~= "number" or (s.momentum_buffer ~= nil and not is_tensor(s.momentum_buffer)) then
     error(("%s: state of parameter %d needs step (and a tensor momentum_buffer)"):format(what, id), 3)
   end
@@ -397,7 +397,7 @@ function M.clip_grads_with_norm_(params, max_norm, total_norm)
     error(("clip_grads_with_norm_: total_norm must be a number, got %s"):format(type(total_norm)), 2)
   end
   local coef = max_norm / (total_norm + 1e-6)
-  if not (coef < 1) then return end
+  if not (coef < 1) then return end  -- luacheck: ignore 581 (written so that a NaN coef also returns)
   for _, p in ipairs(param_list("clip_grads_with_norm_", params)) do
     local g = C.fl_tensor_get_grad(p._p)
     if g ~= nil then

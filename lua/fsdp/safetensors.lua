@@ -119,8 +119,8 @@ end
 local function engine_dtype(path, name, st)
   local fl = ST_TO_FL[st]
   if not fl then
-    error(("safetensors: '%s': tensor '%s' has dtype %s, which the engine does not support (supported: BF16, BOOL, F16, F32, F64, I32, I64, U8)")
-          :format(path, name, st), 3)
+    error(("safetensors: '%s': tensor '%s' has dtype %s, which the engine does not support "
+           .. "(supported: BF16, BOOL, F16, F32, F64, I32, I64, U8)"):format(path, name, st), 3)
   end
   return fl
 end

@@ -12,7 +12,6 @@ local methods = {}
 Tensor.methods = methods
 
 local shape_buf = ffi.new("int64_t[8]")
-local dims_buf = ffi.new("int32_t[8]")
 
 -- The engine's allocation counter drives the collector: a dead Lua handle can pin megabytes that Lua's GC
 -- does not see, so once the engine has allocated a quarter of what it holds now (at least 4 MB) since the
@@ -30,8 +29,9 @@ local function wrap(p)
 end
 Tensor.wrap = wrap
 
--- Wraps an owned pointer, raising the engine's error (naming `what`) when it is NULL.
-local function own(p, what)
+-- Wraps an owned pointer, raising the engine's error when it is NULL. The engine's message names the op
+-- already; callers pass its Lua name as well, so that the call site reads as what it wraps.
+local function own(p, _what)
   if p == nil then error(core.last_error(), 3) end  -- engine messages name the op already
   return wrap(p)
 end
@@ -121,7 +121,8 @@ end
 
 -- ---- constructors ----
 local function parse_opts(what, opts)
-  opts = core.check_opts(what, opts, {dtype = true, device = true, requires_grad = true, seed = true, name = true, std = true, mean = true}, 3)
+  opts = core.check_opts(what, opts, {dtype = true, device = true, requires_grad = true, seed = true, name = true,
+                                      std = true, mean = true}, 3)
   return core.dtype_id(opts.dtype or "f32", what), core.device_id(opts.device or "cpu", what), opts
 end
 

@@ -17,7 +17,9 @@ local M = {}
 
 M.root = (debug.getinfo(1, "S").source:match("^@(.*)spec/support/dist%.lua$") or "")
 if M.root == "" then M.root = "./" end
-M.exe = M.root .. "build/fsdp-lua"
+-- FSDP_BUILD (set by spec/run.sh) picks the build under test, e.g. build-asan for make check-asan.
+M.build = os.getenv("FSDP_BUILD") or "build"
+M.exe = M.root .. M.build .. "/fsdp-lua"
 
 local function q(s) return "'" .. tostring(s):gsub("'", "'\\''") .. "'" end
 M.quote = q
@@ -62,6 +64,10 @@ function M.run(n, worker, args, opts)
   os.execute("mkdir -p " .. q(dir))
   -- env's options (-u) must come before its assignments
   local unset, set = {"-u OMP_NUM_THREADS"}, {}
+  -- Under make check-asan, spec/run.sh preloads libasan for busted's luajit only: the fsdp-lua ranks link it
+  -- themselves, and mpirun must not inherit it, as Open MPI's own launcher then reports a heap-use-after-free of
+  -- its own (orte_rml_oob_send_buffer_nb after pmix_server_log, when a rank exits non-zero).
+  if (os.getenv("FSDP_SANITIZE") or "") ~= "" then unset[#unset + 1] = "-u LD_PRELOAD" end
   local lua_path = M.root .. "lua/?.lua;" .. M.root .. "lua/?/init.lua;" .. M.root .. "spec/support/?.lua;;"
   set[1] = "LUA_PATH=" .. q(lua_path)
   for k, v in pairs(opts.env or {}) do

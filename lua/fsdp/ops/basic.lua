@@ -70,7 +70,7 @@ function M.copy_(a, b) core.check(C.fl_tensor_copy_(ptr(a, "copy_", 1), ptr(b, "
 function M.zero_(a) return M.fill_(a, 0) end
 
 -- ---- reductions ----
-local function opt_dim(what, dim, nd)
+local function opt_dim(what, dim)
   if type(dim) ~= "number" then error(("%s: dim must be a number, got %s"):format(what, type(dim)), 3) end
   -- Lua dims are 1-based like torch7; negative counts from the end.
   if dim > 0 then return dim - 1 end
@@ -110,7 +110,7 @@ end
 M.reshape = M.view
 
 -- dims are 1-based (negative from the end), as torch7.
-local function dim0(d, nd)
+local function dim0(d)
   if d > 0 then return d - 1 end
   return d
 end

@@ -2,10 +2,10 @@
 -- every rank's dim-0 shard of every parameter, without communicating; format() is the table the REPL prints.
 local ffi  = require "ffi"
 local core = require "fsdp.core"
-local plan = require "fsdp.parallel.plan"
+local plans = require "fsdp.parallel.plan"
 
 local C = core.C
-local fail, protect, resolve, mp_str = plan.fail, plan.protect, plan.resolve_tree, plan.mp_str
+local fail, protect, resolve, mp_str = plans.fail, plans.protect, plans.resolve_tree, plans.mp_str
 local M = {}
 
 local Explanation = {}
