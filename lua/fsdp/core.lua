@@ -49,26 +49,39 @@ function M.raise(msg)
   error(msg, level)
 end
 
--- Raises the engine's message at the caller's caller (the user's line).
-function M.fail(what, level)
-  error(what .. ": " .. M.last_error(), (level or 2) + 1)
+-- Raises the engine's message (prefixed with `what`) at the user's line. `level` is accepted for old callers
+-- and ignored: M.raise finds the line.
+function M.fail(what, level) -- luacheck: ignore level
+  M.raise(what .. ": " .. M.last_error())
 end
 
-function M.check(rc, what, level)
-  if rc < 0 then error((what and (what .. ": ") or "") .. M.last_error(), (level or 2) + 1) end
+function M.check(rc, what, level) -- luacheck: ignore level
+  if rc < 0 then M.raise((what and (what .. ": ") or "") .. M.last_error()) end
   return rc
 end
 
-M.dtypes = {f32 = 0, f64 = 1, bf16 = 2, f16 = 3, i32 = 4, i64 = 5, u8 = 6, bool = 7}
-M.dtype_names = {[0] = "f32", "f64", "bf16", "f16", "i32", "i64", "u8", "bool"}
-M.devices = {cpu = 0, meta = 1, cuda = 2}
-M.device_names = {[0] = "cpu", "meta", "cuda"}
-M.mem_categories = {other = 0, param = 1, param_unsharded = 2, grad = 3, optim = 4, activation = 5}
+-- Constants come from the engine's header through the FFI (enums in engine/fsdp.h), never copied: a new dtype or
+-- memory category there shows up here by itself. Names are the engine's own (fl_dtype_name) or the enum's, lowered.
+M.dtypes, M.dtype_names = {}, {}
+for id = 0, C.FL_NDTYPES - 1 do
+  local name = ffi.string(C.fl_dtype_name(id))
+  M.dtypes[name], M.dtype_names[id] = id, name
+end
+M.devices = {cpu = C.FL_CPU, meta = C.FL_META, cuda = C.FL_CUDA}
+M.device_names = {}
+for name, id in pairs(M.devices) do M.device_names[id] = name end
+M.mem_categories = {other = C.FL_MEM_OTHER, param = C.FL_MEM_PARAM, param_unsharded = C.FL_MEM_PARAM_UNSHARDED,
+                    grad = C.FL_MEM_GRAD, optim = C.FL_MEM_OPTIM, activation = C.FL_MEM_ACTIVATION}
+assert(C.FL_MEM_NCATEGORIES == 6, "engine/fsdp.h has a memory category lua/fsdp/core.lua does not name")
+-- Reduce ops by name, for the collectives.
+M.reduce_ops = {sum = C.FL_REDUCE_SUM, avg = C.FL_REDUCE_AVG, max = C.FL_REDUCE_MAX}
 
 function M.dtype_id(name, what)
   local id = M.dtypes[name]
   if not id then
-    error(("%s: unknown dtype '%s' (valid: f32, f64, bf16, f16, i32, i64, u8, bool)"):format(what or "dtype", tostring(name)), 3)
+    local names = {}
+    for i = 0, #M.dtype_names do names[#names + 1] = M.dtype_names[i] end
+    M.raise(("%s: unknown dtype '%s' (valid: %s)"):format(what or "dtype", tostring(name), table.concat(names, ", ")))
   end
   return id
 end
@@ -76,23 +89,23 @@ end
 function M.device_id(name, what)
   local id = M.devices[name]
   if not id then
-    error(("%s: unknown device '%s' (valid: cpu, meta%s)"):format(what or "device", tostring(name), ""), 3)
+    M.raise(("%s: unknown device '%s' (valid: cpu, meta%s)"):format(what or "device", tostring(name), ""))
   end
   return id
 end
 
 -- Option tables: unknown keys are errors that list the valid ones.
-function M.check_opts(what, opts, valid, level)
+function M.check_opts(what, opts, valid, level) -- luacheck: ignore level
   if opts == nil then return {} end
   if type(opts) ~= "table" then
-    error(("%s: options must be a table, got %s"):format(what, type(opts)), (level or 2) + 1)
+    M.raise(("%s: options must be a table, got %s"):format(what, type(opts)))
   end
   for k in pairs(opts) do
     if not valid[k] then
       local names = {}
       for n in pairs(valid) do names[#names + 1] = n end
       table.sort(names)
-      error(("%s: unknown option '%s' (valid: %s)"):format(what, tostring(k), table.concat(names, ", ")), (level or 2) + 1)
+      M.raise(("%s: unknown option '%s' (valid: %s)"):format(what, tostring(k), table.concat(names, ", ")))
     end
   end
   return opts

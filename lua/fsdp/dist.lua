@@ -17,14 +17,14 @@ local Tensor = require "fsdp.tensor"
 local C = core.C
 local M = {}
 
-local REDUCE = {sum = 0, avg = 1, max = 2}
+local REDUCE = core.reduce_ops   -- from the engine header (enum fl_reduce_op)
 local seed_value = nil
 
 -- ---- joining the job ----
 
 local function world_ptr()
   if not C.fl_dist_is_initialized() then
-    if C.fl_dist_init(0) < 0 then error("fsdp.init: " .. core.last_error(), 3) end
+    if C.fl_dist_init(0) < 0 then core.raise("fsdp.init: " .. core.last_error()) end
   end
   return C.fl_comm_world()
 end
@@ -353,26 +353,26 @@ end
 
 -- Normalises the two spec forms into ordered names and sizes.
 local function parse_spec(spec)
-  if type(spec) ~= "table" then error(("mesh: expected a table of dims, got %s"):format(type(spec)), 3) end
+  if type(spec) ~= "table" then core.raise(("mesh: expected a table of dims, got %s"):format(type(spec))) end
   local names, sizes = {}, {}
   local n_array = #spec
   if n_array > 0 then
     for k in pairs(spec) do
       if type(k) ~= "number" then
-        error(("mesh: mixes the array form {{name, size}, ...} with the key '%s'; use one form"):format(tostring(k)), 3)
+        core.raise(("mesh: mixes the array form {{name, size}, ...} with the key '%s'; use one form"):format(tostring(k)))
       end
     end
     for i = 1, n_array do
       local d = spec[i]
       if type(d) ~= "table" or #d ~= 2 then
-        error(("mesh: dim %d must be a {name, size} pair, got %s"):format(i, type(d)), 3)
+        core.raise(("mesh: dim %d must be a {name, size} pair, got %s"):format(i, type(d)))
       end
       names[i], sizes[i] = d[1], d[2]
     end
   else
     for k in pairs(spec) do names[#names + 1] = k end
     for _, k in ipairs(names) do
-      if type(k) ~= "string" then error(("mesh: dim names must be strings, got %s"):format(tostring(k)), 3) end
+      if type(k) ~= "string" then core.raise(("mesh: dim names must be strings, got %s"):format(tostring(k))) end
     end
     table.sort(names, function(a, b)
       local ra, rb = CANONICAL_RANK[a], CANONICAL_RANK[b]
@@ -382,7 +382,7 @@ local function parse_spec(spec)
     end)
     for i, k in ipairs(names) do sizes[i] = spec[k] end
   end
-  if #names == 0 then error("mesh: no dims given (e.g. fsdp.mesh{dp_shard = -1})", 3) end
+  if #names == 0 then core.raise("mesh: no dims given (e.g. fsdp.mesh{dp_shard = -1})") end
   return names, sizes
 end
 

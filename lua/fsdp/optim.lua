@@ -16,17 +16,17 @@ local M = {}
 -- groups with every hyper-parameter filled from `defaults`. Unknown group keys are errors.
 local function make_groups(what, params, defaults, valid)
   if type(params) ~= "table" then
-    error(("%s: expected a list of parameters or of param groups, got %s"):format(what, type(params)), 3)
+    core.raise(("%s: expected a list of parameters or of param groups, got %s"):format(what, type(params)))
   end
   local raw
   if is_tensor(params[1]) then raw = {{params = params}}        -- a list of tensors
   elseif params.params ~= nil then raw = {params}               -- a single group
   else raw = params end                                         -- a list of groups
-  if #raw == 0 then error(what .. ": got an empty parameter list", 3) end
+  if #raw == 0 then core.raise(what .. ": got an empty parameter list") end
   local groups, seen, count = {}, {}, 0
   for gi, g in ipairs(raw) do
     if type(g) ~= "table" or type(g.params) ~= "table" then
-      error(("%s: param group %d must be a table with a list `params`"):format(what, gi), 3)
+      core.raise(("%s: param group %d must be a table with a list `params`"):format(what, gi))
     end
     local group = {params = {}}
     for k, v in pairs(g) do
@@ -35,8 +35,8 @@ local function make_groups(what, params, defaults, valid)
           local names = {}
           for n in pairs(valid) do names[#names + 1] = n end
           table.sort(names)
-          error(("%s: param group %d has unknown option '%s' (valid: params, %s)")
-                :format(what, gi, tostring(k), table.concat(names, ", ")), 3)
+          core.raise(("%s: param group %d has unknown option '%s' (valid: params, %s)")
+                :format(what, gi, tostring(k), table.concat(names, ", ")))
         end
         group[k] = v
       end
@@ -44,16 +44,16 @@ local function make_groups(what, params, defaults, valid)
     for k, v in pairs(defaults) do if group[k] == nil then group[k] = v end end
     for pi, p in ipairs(g.params) do
       if not is_tensor(p) then
-        error(("%s: param group %d entry %d is %s, expected a tensor"):format(what, gi, pi, type(p)), 3)
+        core.raise(("%s: param group %d entry %d is %s, expected a tensor"):format(what, gi, pi, type(p)))
       end
-      if seen[p] then error(("%s: a parameter appears twice (group %d entry %d)"):format(what, gi, pi), 3) end
+      if seen[p] then core.raise(("%s: a parameter appears twice (group %d entry %d)"):format(what, gi, pi)) end
       seen[p] = true
       group.params[pi] = p
       count = count + 1
     end
     groups[gi] = group
   end
-  if count == 0 then error(what .. ": got an empty parameter list", 3) end
+  if count == 0 then core.raise(what .. ": got an empty parameter list") end
   return groups
 end
 
@@ -217,18 +217,18 @@ end
 function AdamW:validate(g, gi)
   local b = g.betas
   if type(b) ~= "table" or type(b[1]) ~= "number" or type(b[2]) ~= "number" or b[1] < 0 or b[1] >= 1 or b[2] < 0 or b[2] >= 1 then
-    error(("AdamW: param group %d: betas must be two numbers in [0, 1), got %s"):format(gi, tostring(b)), 4)
+    core.raise(("AdamW: param group %d: betas must be two numbers in [0, 1), got %s"):format(gi, tostring(b)))
   end
   for _, k in ipairs {"lr", "eps", "weight_decay"} do
     if type(g[k]) ~= "number" or g[k] < 0 then
-      error(("AdamW: param group %d: %s must be a number >= 0, got %s"):format(gi, k, tostring(g[k])), 4)
+      core.raise(("AdamW: param group %d: %s must be a number >= 0, got %s"):format(gi, k, tostring(g[k])))
     end
   end
 end
 
 function AdamW:check_state(s, id, _p, what)
   if type(s.step) ~= "number" or not is_tensor(s.exp_avg) or not is_tensor(s.exp_avg_sq) then
-    error(("%s: state of parameter %d needs step, exp_avg and exp_avg_sq"):format(what, id), 3)
+    core.raise(("%s: state of parameter %d needs step, exp_avg and exp_avg_sq"):format(what, id))
   end
 end
 
@@ -266,18 +266,18 @@ end
 function SGD:validate(g, gi)
   for _, k in ipairs {"lr", "momentum", "weight_decay"} do
     if type(g[k]) ~= "number" or g[k] < 0 then
-      error(("SGD: param group %d: %s must be a number >= 0, got %s"):format(gi, k, tostring(g[k])), 4)
+      core.raise(("SGD: param group %d: %s must be a number >= 0, got %s"):format(gi, k, tostring(g[k])))
     end
   end
-  if type(g.dampening) ~= "number" then error(("SGD: param group %d: dampening must be a number"):format(gi), 4) end
+  if type(g.dampening) ~= "number" then core.raise(("SGD: param group %d: dampening must be a number"):format(gi)) end
   if g.nesterov and (g.momentum <= 0 or g.dampening ~= 0) then
-    error(("SGD: param group %d: nesterov needs momentum > 0 and dampening 0"):format(gi), 4)
+    core.raise(("SGD: param group %d: nesterov needs momentum > 0 and dampening 0"):format(gi))
   end
 end
 
 function SGD:check_state(s, id, _p, what)
   if type(s.step) ~= "number" or (s.momentum_buffer ~= nil and not is_tensor(s.momentum_buffer)) then
-    error(("%s: state of parameter %d needs step (and a tensor momentum_buffer)"):format(what, id), 3)
+    core.raise(("%s: state of parameter %d needs step (and a tensor momentum_buffer)"):format(what, id))
   end
 end
 
@@ -368,14 +368,14 @@ end
 M.grad_sum_squares = grad_sum_squares
 
 local function param_list(what, params)
-  if type(params) ~= "table" then error(what .. ": expected a list of parameters", 3) end
+  if type(params) ~= "table" then core.raise(what .. ": expected a list of parameters") end
   local list = params
   if #params > 0 and not is_tensor(params[1]) then   -- param groups
     list = {}
     for _, g in ipairs(params) do for _, p in ipairs(g.params) do list[#list + 1] = p end end
   end
   for i, p in ipairs(list) do
-    if not is_tensor(p) then error(("%s: entry %d is %s, expected a tensor"):format(what, i, type(p)), 3) end
+    if not is_tensor(p) then core.raise(("%s: entry %d is %s, expected a tensor"):format(what, i, type(p))) end
   end
   return list
 end

@@ -54,7 +54,7 @@ function M.header(path)
   local data_len = fsize - data_start
   local hdr = {tensors = {}, names = {}, metadata = {}, data_start = data_start, file_size = fsize}
   local function bad(name, msg, ...)
-    error(("safetensors: '%s': tensor '%s': " .. msg):format(path, name, ...), 3)
+    core.raise(("safetensors: '%s': tensor '%s': " .. msg):format(path, name, ...))
   end
   for name, e in pairs(doc) do
     if name == "__metadata__" then
@@ -119,8 +119,8 @@ end
 local function engine_dtype(path, name, st)
   local fl = ST_TO_FL[st]
   if not fl then
-    error(("safetensors: '%s': tensor '%s' has dtype %s, which the engine does not support "
-           .. "(supported: BF16, BOOL, F16, F32, F64, I32, I64, U8)"):format(path, name, st), 3)
+    core.raise(("safetensors: '%s': tensor '%s' has dtype %s, which the engine does not support "
+           .. "(supported: BF16, BOOL, F16, F32, F64, I32, I64, U8)"):format(path, name, st))
   end
   return fl
 end
@@ -208,7 +208,7 @@ function M.plan(specs, metadata)
   local order = {}
   for i = 1, #specs do order[i] = specs[i] end
   for _, s in ipairs(order) do
-    if not FL_TO_ST[s.dtype] then error(("safetensors: tensor '%s': cannot save dtype %s"):format(s.name, tostring(s.dtype)), 3) end
+    if not FL_TO_ST[s.dtype] then core.raise(("safetensors: tensor '%s': cannot save dtype %s"):format(s.name, tostring(s.dtype))) end
   end
   table.sort(order, function(a, b)
     local sa, sb = ST_SIZE[FL_TO_ST[a.dtype]], ST_SIZE[FL_TO_ST[b.dtype]]

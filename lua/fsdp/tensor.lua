@@ -32,7 +32,7 @@ Tensor.wrap = wrap
 -- Wraps an owned pointer, raising the engine's error when it is NULL. The engine's message names the op
 -- already; callers pass its Lua name as well, so that the call site reads as what it wraps.
 local function own(p, _what)
-  if p == nil then error(core.last_error(), 3) end  -- engine messages name the op already
+  if p == nil then core.raise(core.last_error()) end  -- engine messages name the op already
   return wrap(p)
 end
 Tensor.own = own
@@ -42,22 +42,22 @@ Tensor.is_tensor = is_tensor
 
 local function ptr(t, what, argn)
   if getmetatable(t) ~= Tensor then
-    error(("%s: argument %d must be a tensor, got %s"):format(what, argn or 1, type(t)), 3)
+    core.raise(("%s: argument %d must be a tensor, got %s"):format(what, argn or 1, type(t)))
   end
   local p = t._p
-  if p == nil then error(what .. ": tensor was freed", 3) end
+  if p == nil then core.raise(what .. ": tensor was freed") end
   return p
 end
 Tensor.ptr = ptr
 
 local function fill_shape(shape, what)
-  if type(shape) ~= "table" then error(("%s: shape must be a table of sizes, got %s"):format(what, type(shape)), 3) end
+  if type(shape) ~= "table" then core.raise(("%s: shape must be a table of sizes, got %s"):format(what, type(shape))) end
   local n = #shape
-  if n > 8 then error(("%s: %d dims (at most 8)"):format(what, n), 3) end
+  if n > 8 then core.raise(("%s: %d dims (at most 8)"):format(what, n)) end
   for i = 1, n do
     local s = shape[i]
     if type(s) ~= "number" or s ~= math.floor(s) then
-      error(("%s: size %d is %s, expected an integer"):format(what, i, tostring(s)), 3)
+      core.raise(("%s: size %d is %s, expected an integer"):format(what, i, tostring(s)))
     end
     shape_buf[i - 1] = s
   end
@@ -194,12 +194,12 @@ function Tensor.new(data, opts)
   local flat = {}
   local function walk(v, d, where)
     if d > #shape then
-      if type(v) ~= "number" then error(("tensor: element %s is %s, expected a number"):format(where, type(v)), 4) end
+      if type(v) ~= "number" then core.raise(("tensor: element %s is %s, expected a number"):format(where, type(v))) end
       flat[#flat + 1] = v
       return
     end
     if type(v) ~= "table" or #v ~= shape[d] then
-      error(("tensor: ragged nesting at %s (expected %d elements)"):format(where, shape[d]), 4)
+      core.raise(("tensor: ragged nesting at %s (expected %d elements)"):format(where, shape[d]))
     end
     for i = 1, #v do walk(v[i], d + 1, where .. "[" .. i .. "]") end
   end
@@ -250,10 +250,10 @@ end
 local function check_index(what, t, p, i)
   local n = tonumber(C.fl_tensor_numel(p))
   if type(i) ~= "number" or i ~= math.floor(i) or i < 0 or i >= n then
-    error(("%s: index %s out of range for %s (%d elements; indices are 0-based)")
-          :format(what, tostring(i), t:shape_str(), n), 3)
+    core.raise(("%s: index %s out of range for %s (%d elements; indices are 0-based)")
+          :format(what, tostring(i), t:shape_str(), n))
   end
-  if not C.fl_tensor_has_data(p) then error(what .. ": tensor has no data (meta or released)", 3) end
+  if not C.fl_tensor_has_data(p) then core.raise(what .. ": tensor has no data (meta or released)") end
 end
 
 function methods.get(t, i)

@@ -35,7 +35,7 @@ function M.causal_lm_loss(logits, labels)
   local B, T, V = tonumber(lp.shape[0]), tonumber(lp.shape[1]), tonumber(lp.shape[2])
   local ls = labels:shape()
   if #ls ~= 2 or ls[1] ~= B or ls[2] ~= T then
-    error(("forward: labels %s do not match input_ids [%d, %d]"):format(labels:shape_str(), B, T), 3)
+    core.raise(("forward: labels %s do not match input_ids [%d, %d]"):format(labels:shape_str(), B, T))
   end
   local targets = M.shift_labels(labels, B, T)
   local flat = basic.view(logits, {B * T, V})
@@ -70,10 +70,10 @@ end
 
 function M.check_ids(what, input_ids)
   if not Tensor.is_tensor(input_ids) then
-    error(("%s: input_ids must be an integer tensor [B, T], got %s"):format(what, type(input_ids)), 3)
+    core.raise(("%s: input_ids must be an integer tensor [B, T], got %s"):format(what, type(input_ids)))
   end
   if input_ids:dim() ~= 2 or (input_ids.dtype ~= "i64" and input_ids.dtype ~= "i32") then
-    error(("%s: input_ids must be an i64/i32 tensor [B, T], got %s %s"):format(what, input_ids.dtype, input_ids:shape_str()), 3)
+    core.raise(("%s: input_ids must be an i64/i32 tensor [B, T], got %s %s"):format(what, input_ids.dtype, input_ids:shape_str()))
   end
 end
 

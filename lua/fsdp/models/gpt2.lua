@@ -1,5 +1,6 @@
 -- lua/fsdp/models/gpt2.lua: GPT-2 (GPT2LMHeadModel) with Hugging Face's parameter names, shapes and Conv1D layouts
 -- (hf-models.md §1), its config defaults, init, tiny test config and default FSDP plan.
+local core = require "fsdp.core"
 local Tensor     = require "fsdp.tensor"
 local Module     = require "fsdp.nn.module"
 local ModuleList = require "fsdp.nn.module_list"
@@ -56,11 +57,11 @@ local ACTS = {gelu_new = true, gelu_pytorch_tanh = true, gelu = true, silu = tru
 
 function M.normalize(cfg)
   if not ACTS[cfg.activation_function] then
-    error(("config: gpt2: unsupported activation_function '%s' (supported: gelu_new, gelu_pytorch_tanh, gelu, silu, swish, relu)")
-          :format(tostring(cfg.activation_function)), 3)
+    core.raise(("config: gpt2: unsupported activation_function '%s' (supported: gelu_new, gelu_pytorch_tanh, gelu, silu, swish, relu)")
+          :format(tostring(cfg.activation_function)))
   end
   if cfg.n_embd % cfg.n_head ~= 0 then
-    error(("config: gpt2: n_embd %d is not divisible by n_head %d"):format(cfg.n_embd, cfg.n_head), 3)
+    core.raise(("config: gpt2: n_embd %d is not divisible by n_head %d"):format(cfg.n_embd, cfg.n_head))
   end
   -- reorder_and_upcast_attn needs nothing: the fused attention computes scores and softmax in f32 (hf-models.md §1.1).
   return cfg
@@ -118,7 +119,7 @@ end
 function Base:forward(input_ids)
   local T = input_ids:size(2)
   if T > self.n_positions then
-    error(("GPT2Model: sequence length %d exceeds n_positions %d"):format(T, self.n_positions), 3)
+    core.raise(("GPT2Model: sequence length %d exceeds n_positions %d"):format(T, self.n_positions))
   end
   local pos_ids = Tensor.arange(0, T, {dtype = "i64"})
   local tok = self.wte(input_ids)          -- [B, T, H]

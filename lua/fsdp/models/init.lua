@@ -20,7 +20,7 @@ local function spec_of(model_type, what)
     local names = {}
     for k in pairs(M.registry) do names[#names + 1] = k end
     table.sort(names)
-    error(("%s: unknown model_type '%s' (registered: %s)"):format(what, tostring(model_type), table.concat(names, ", ")), 3)
+    core.raise(("%s: unknown model_type '%s' (registered: %s)"):format(what, tostring(model_type), table.concat(names, ", ")))
   end
   return spec
 end
@@ -64,8 +64,8 @@ local function validate(model_type, schema, cfg)
     if not (optional and v == nil) then
       local spec = assert(KINDS[optional and kind:sub(1, -2) or kind], kind)
       if not spec[2](v) then
-        error(("config: %s: %s must be %s, got %s"):format(model_type, k, spec[1],
-              type(v) == "string" and ("'" .. v .. "'") or tostring(v)), 3)
+        core.raise(("config: %s: %s must be %s, got %s"):format(model_type, k, spec[1],
+              type(v) == "string" and ("'" .. v .. "'") or tostring(v)))
       end
     end
   end
@@ -141,9 +141,9 @@ end
 
 local function read_json(path, what)
   local s, err = read_file(path)
-  if not s then error(("%s: cannot read '%s': %s"):format(what, path, tostring(err)), 3) end
+  if not s then core.raise(("%s: cannot read '%s': %s"):format(what, path, tostring(err))) end
   local ok, doc = pcall(cjson.decode, s)
-  if not ok then error(("%s: '%s' is not valid JSON: %s"):format(what, path, tostring(doc)), 3) end
+  if not ok then core.raise(("%s: '%s' is not valid JSON: %s"):format(what, path, tostring(doc))) end
   return doc
 end
 
@@ -169,18 +169,18 @@ function M.checkpoint_index(dir)
   end
   f = io.open(index_path, "rb")
   if not f then
-    error(("from_pretrained: '%s' has neither model.safetensors nor model.safetensors.index.json"):format(dir), 3)
+    core.raise(("from_pretrained: '%s' has neither model.safetensors nor model.safetensors.index.json"):format(dir))
   end
   f:close()
   local idx = read_json(index_path, "from_pretrained")
   if type(idx.weight_map) ~= "table" then
-    error(("from_pretrained: '%s' has no weight_map"):format(index_path), 3)
+    core.raise(("from_pretrained: '%s' has no weight_map"):format(index_path))
   end
   for name, file in pairs(idx.weight_map) do
     local path = dir .. "/" .. file
     headers[path] = headers[path] or st.header(path)
     if not headers[path].tensors[name] then
-      error(("from_pretrained: the index maps '%s' to '%s', which does not hold it"):format(name, file), 3)
+      core.raise(("from_pretrained: the index maps '%s' to '%s', which does not hold it"):format(name, file))
     end
     out[name] = {file = path, hdr = headers[path]}
   end
@@ -278,7 +278,7 @@ local function encode(v, indent, float_keys, key)
   elseif t == "string" or t == "boolean" then
     return cjson.encode(v)
   end
-  error(("save_pretrained: cannot write a %s in config.json (key %s)"):format(t, tostring(key)), 4)
+  core.raise(("save_pretrained: cannot write a %s in config.json (key %s)"):format(t, tostring(key)))
 end
 
 M.encode_json = encode
@@ -288,11 +288,11 @@ local TORCH_DTYPE = {f32 = "float32", f64 = "float64", bf16 = "bfloat16", f16 = 
 local function write_atomic(path, text)
   local tmp = core.tmp_name(path)
   local f, err = io.open(tmp, "wb")
-  if not f then error(("save_pretrained: cannot create '%s': %s"):format(tmp, tostring(err)), 3) end
+  if not f then core.raise(("save_pretrained: cannot create '%s': %s"):format(tmp, tostring(err))) end
   f:write(text)
   f:close()
   local ok, rerr = os.rename(tmp, path)
-  if not ok then error(("save_pretrained: cannot rename '%s': %s"):format(tmp, tostring(rerr)), 3) end
+  if not ok then core.raise(("save_pretrained: cannot rename '%s': %s"):format(tmp, tostring(rerr))) end
 end
 
 -- save_pretrained(model, dir): config.json (model_type, architectures, dtype) and model.safetensors with every

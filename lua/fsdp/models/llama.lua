@@ -1,5 +1,6 @@
 -- lua/fsdp/models/llama.lua: Llama (LlamaForCausalLM) with Hugging Face's parameter names and shapes
 -- (hf-models.md §2): RMSNorm pre-norm layers, GQA attention with RoPE, SwiGLU MLP, optional biases.
+local core = require "fsdp.core"
 local Module     = require "fsdp.nn.module"
 local ModuleList = require "fsdp.nn.module_list"
 local Embedding  = require "fsdp.nn.embedding"
@@ -56,7 +57,7 @@ function M.normalize_rope(cfg, default_theta)
   local rp = {}
   local src = cfg.rope_parameters or cfg.rope_scaling
   if src ~= nil and type(src) ~= "table" then
-    error(("config: %s: rope_parameters must be an object, got %s"):format(cfg.model_type, type(src)), 4)
+    core.raise(("config: %s: rope_parameters must be an object, got %s"):format(cfg.model_type, type(src)))
   end
   for k, v in pairs(src or {}) do rp[k] = v end
   if rp.type ~= nil and rp.rope_type == nil then rp.rope_type = rp.type end
@@ -64,11 +65,11 @@ function M.normalize_rope(cfg, default_theta)
   rp.rope_type = rp.rope_type or "default"
   rp.rope_theta = rp.rope_theta or cfg.rope_theta or default_theta
   if rp.rope_type ~= "default" then
-    error(("config: %s: rope_type '%s' is not supported (only 'default')"):format(cfg.model_type, tostring(rp.rope_type)), 4)
+    core.raise(("config: %s: rope_type '%s' is not supported (only 'default')"):format(cfg.model_type, tostring(rp.rope_type)))
   end
   for k in pairs(rp) do
     if k ~= "rope_type" and k ~= "rope_theta" and k ~= "partial_rotary_factor" then
-      error(("config: %s: rope parameter '%s' is not supported with rope_type 'default'"):format(cfg.model_type, k), 4)
+      core.raise(("config: %s: rope parameter '%s' is not supported with rope_type 'default'"):format(cfg.model_type, k))
     end
   end
   cfg.rope_parameters = rp
@@ -78,25 +79,25 @@ end
 function M.normalize(cfg)
   M.normalize_rope(cfg, M.default_theta)
   if not ACTS[cfg.hidden_act] then
-    error(("config: llama: unsupported hidden_act '%s' (supported: silu, swish, gelu, gelu_new, gelu_pytorch_tanh, relu)")
-          :format(tostring(cfg.hidden_act)), 3)
+    core.raise(("config: llama: unsupported hidden_act '%s' (supported: silu, swish, gelu, gelu_new, gelu_pytorch_tanh, relu)")
+          :format(tostring(cfg.hidden_act)))
   end
   cfg.num_key_value_heads = cfg.num_key_value_heads or cfg.num_attention_heads
   if cfg.num_attention_heads % cfg.num_key_value_heads ~= 0 then
-    error(("config: llama: num_attention_heads %d is not a multiple of num_key_value_heads %d")
-          :format(cfg.num_attention_heads, cfg.num_key_value_heads), 3)
+    core.raise(("config: llama: num_attention_heads %d is not a multiple of num_key_value_heads %d")
+          :format(cfg.num_attention_heads, cfg.num_key_value_heads))
   end
   if cfg.head_dim == nil then
     if cfg.hidden_size % cfg.num_attention_heads ~= 0 then
-      error(("config: llama: hidden_size %d is not divisible by num_attention_heads %d")
-            :format(cfg.hidden_size, cfg.num_attention_heads), 3)
+      core.raise(("config: llama: hidden_size %d is not divisible by num_attention_heads %d")
+            :format(cfg.hidden_size, cfg.num_attention_heads))
     end
     cfg.head_dim = cfg.hidden_size / cfg.num_attention_heads
   end
   if cfg.pad_token_id ~= nil then
     -- HF zeroes the pad row at init and masks its gradient (nn.Embedding padding_idx); this engine does neither.
-    error(("config: llama: pad_token_id = %s (an embedding padding_idx) is not supported; set it to null")
-          :format(tostring(cfg.pad_token_id)), 3)
+    core.raise(("config: llama: pad_token_id = %s (an embedding padding_idx) is not supported; set it to null")
+          :format(tostring(cfg.pad_token_id)))
   end
   return cfg
 end

@@ -56,13 +56,13 @@ end
 
 local function check_name(self, what, name)
   if type(name) ~= "string" or name == "" or name:find(".", 1, true) then
-    error(("%s: name must be a non-empty string without dots, got %s"):format(what, tostring(name)), 3)
+    core.raise(("%s: name must be a non-empty string without dots, got %s"):format(what, tostring(name)))
   end
   if rawget(self, "_params") == nil then
-    error(("%s: call Module.init(self) in the constructor before registering '%s'"):format(what, name), 3)
+    core.raise(("%s: call Module.init(self) in the constructor before registering '%s'"):format(what, name))
   end
   if self._params[name] ~= nil or self._modules[name] ~= nil then
-    error(("%s: '%s' is already registered on this %s"):format(what, name, self.__name or "module"), 3)
+    core.raise(("%s: '%s' is already registered on this %s"):format(what, name, self.__name or "module"))
   end
 end
 
@@ -303,7 +303,7 @@ end
 -- A hook runs as fn(module, args, output) after forward; it may return a replacement for the (first) output.
 -- Hooks run in registration order; each registration returns a handle whose :remove() takes it off.
 local function add_hook(self, field, fn, what)
-  if type(fn) ~= "function" then error(("%s: expected a function, got %s"):format(what, type(fn)), 3) end
+  if type(fn) ~= "function" then core.raise(("%s: expected a function, got %s"):format(what, type(fn))) end
   local list = rawget(self, field)
   if not list then list = {}; rawset(self, field, list) end
   list[#list + 1] = fn

@@ -20,7 +20,7 @@ local function as_tensor(x, like, what, argn)
     local t = own(C.fl_tensor_full(0, shape_buf, like._p.dtype, x), what)
     return t._p, t
   end
-  error(("%s: argument %d must be a tensor or a number, got %s"):format(what, argn, type(x)), 3)
+  core.raise(("%s: argument %d must be a tensor or a number, got %s"):format(what, argn, type(x)))
 end
 
 local function binary(cname, what)
@@ -71,7 +71,7 @@ function M.zero_(a) return M.fill_(a, 0) end
 
 -- ---- reductions ----
 local function opt_dim(what, dim)
-  if type(dim) ~= "number" then error(("%s: dim must be a number, got %s"):format(what, type(dim)), 3) end
+  if type(dim) ~= "number" then core.raise(("%s: dim must be a number, got %s"):format(what, type(dim))) end
   -- Lua dims are 1-based like torch7; negative counts from the end.
   if dim > 0 then return dim - 1 end
   return dim

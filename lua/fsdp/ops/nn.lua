@@ -12,14 +12,14 @@ local M = {}
 
 local function num(what, name, v, default)
   if v == nil then v = default end
-  if type(v) ~= "number" then error(("%s: %s must be a number, got %s"):format(what, name, type(v)), 3) end
+  if type(v) ~= "number" then core.raise(("%s: %s must be a number, got %s"):format(what, name, type(v))) end
   return v
 end
 
 -- Lua dim (1-based, negative from the end) -> C dim (0-based, negative from the end).
 local function dim0(what, d)
   if type(d) ~= "number" or d == 0 or d ~= math.floor(d) then
-    error(("%s: dim must be a non-zero integer (1-based, negative from the end), got %s"):format(what, tostring(d)), 3)
+    core.raise(("%s: dim must be a non-zero integer (1-based, negative from the end), got %s"):format(what, tostring(d)))
   end
   return d > 0 and d - 1 or d
 end

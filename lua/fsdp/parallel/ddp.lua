@@ -18,7 +18,7 @@ local function group_of(mesh)
   local dist = require "fsdp.dist"
   if mesh == nil then return dist.world(), nil end
   if getmetatable(mesh) ~= dist.Mesh then
-    error(("ddp: mesh must be a mesh from fsdp.mesh, got %s"):format(type(mesh)), 4)
+    core.raise(("ddp: mesh must be a mesh from fsdp.mesh, got %s"):format(type(mesh)))
   end
   local names = mesh:names()
   if #names == 1 then return mesh:group(), mesh end

@@ -70,7 +70,7 @@ local function make_unit(group, spec, params, mods, opts)
   for i, e in ipairs(params) do arr[i - 1] = e.full._p end
   local up = C.fl_fsdp_unit_new(group.ptr, spec.name, shard_comm, rep_comm, n, arr, core.dtypes[pd], core.dtypes[rd],
                                 spec.reshard_after_forward and true or false)
-  if up == nil then error(core.last_error(), 3) end
+  if up == nil then core.raise(core.last_error()) end
   local u = {ptr = up, name = spec.name, params = params, shards = {}, output_dtype = od, cpu_offload = spec.cpu_offload}
   local seed = opts.seed or 0
   for i, e in ipairs(params) do
@@ -104,7 +104,7 @@ end
 
 function M.new_group()
   local gp = C.fl_fsdp_group_new()
-  if gp == nil then error(core.last_error(), 3) end
+  if gp == nil then core.raise(core.last_error()) end
   return {ptr = ffi.gc(gp, C.fl_fsdp_group_release), units = {}}
 end
 
