@@ -19,6 +19,8 @@ describe("shapes", function()
     assert.matches("shape [2147483648, 2147483648] of f32 is more than 2^63 bytes",
                    err_of(fsdp.zeros, {2 ^ 31, 2 ^ 31}, {device = "meta"}), 1, true)
     assert.matches("negative size -1 in dim 0 of [-1, 4]", err_of(fsdp.zeros, {-1, 4}), 1, true)
+    assert.matches("size 1 is 1.1805916207174e+21, more than an int64 holds", err_of(fsdp.zeros, {2 ^ 70, 4}), 1, true)
+    assert.matches("size 2 is inf", err_of(fsdp.zeros, {2, 1 / 0}), 1, true)
     local t = fsdp.zeros({2, 3})
     assert.matches("view: shape [4611686018427387904, 4] has more than 2^63 elements",
                    err_of(function() return t:view(2 ^ 62, 4) end), 1, true)

@@ -59,6 +59,9 @@ local function fill_shape(shape, what)
     if type(s) ~= "number" or s ~= math.floor(s) then
       core.raise(("%s: size %d is %s, expected an integer"):format(what, i, tostring(s)))
     end
+    if s >= 2 ^ 63 or s < -2 ^ 63 then   -- beyond int64: the FFI conversion would be undefined
+      core.raise(("%s: size %d is %s, more than an int64 holds"):format(what, i, tostring(s)))
+    end
     shape_buf[i - 1] = s
   end
   return n, shape_buf
