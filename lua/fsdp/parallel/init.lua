@@ -1,7 +1,8 @@
 -- lua/fsdp/parallel/init.lua: `require "fsdp.parallel"` — the one home of data parallelism. FSDP: plans
--- (plan.lua: plan forms and units, plan_options.lua: their options; explain.lua: each rank's shards), the engine units and their module hooks
--- (units.lua), what a sharded module can do (fsdp_module.lua); DDP (ddp.lua). Meshes and collectives are
--- fsdp.dist's. Everything attaches to modules through nn.Module's generic hooks and Module.extend.
+-- (plan.lua: plan forms and units; plan_options.lua: their options; explain.lua: each rank's shards), the engine
+-- units and their module hooks (units.lua), what a sharded module can do (fsdp_module.lua); DDP (ddp.lua).
+-- Meshes and collectives are fsdp.dist's. Everything attaches to modules through nn.Module's generic hooks and
+-- Module.extend.
 local M = {}
 
 local units       = require "fsdp.parallel.units"
