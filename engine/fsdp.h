@@ -15,10 +15,10 @@
  * tensor); the caller releases it with fl_tensor_release. `const fl_tensor *` parameters are borrowed.
  * Errors: a negative int (enum fl_status) or NULL, with the message in fl_last_error().
  *
- * Global state, each defined in one file: the thread-local error buffer (error.c), the thread count
- * (parallel.c), grad mode, backward depth and the end-of-backward hooks (autograd.c), the allocation counters
- * (storage.c), the world communicator with its communication thread and queue (comm.c), the list of live DDP
- * reducers behind one end-of-backward hook (ddp.c).
+ * Global state, each defined in one file: the thread-local error buffer (core/error.c), the thread count
+ * (core/parallel.c), grad mode, backward depth and the end-of-backward hooks (core/autograd.c), the allocation
+ * counters (core/storage.c), the world communicator with its communication thread and queue (dist/comm.c), the
+ * list of live DDP reducers behind one end-of-backward hook (dist/ddp.c).
  */
 #ifndef FSDP_H
 #define FSDP_H

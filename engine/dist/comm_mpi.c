@@ -1,4 +1,4 @@
-/* engine/comm_mpi.c: the Open MPI transport under fl_comm — init/finalize/abort, communicator split, and one
+/* engine/dist/comm_mpi.c: the Open MPI transport under fl_comm — init/finalize/abort, communicator split, and one
  * blocking function per data movement. It moves bytes only: reductions, checks, queueing and timeouts are comm.c's.
  * Every function but fl_mpi_abort runs on comm.c's communication thread (or on the main thread while that thread
  * is not running: init, finalize), so MPI calls never overlap except an abort, hence MPI_THREAD_MULTIPLE. */

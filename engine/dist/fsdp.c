@@ -1,4 +1,4 @@
-/* engine/fsdp.c: FSDP units — dim-0 sharding, unshard through one flat all-gather, reshard, the backward hooks
+/* engine/dist/fsdp.c: FSDP units — dim-0 sharding, unshard through one flat all-gather, reshard, the backward hooks
  * (a pre-backward node on each unit's outputs, a per-parameter ready hook that reduce-scatters a unit as soon
  * as its last gradient lands) and the final pass at the end of backward. Plans and module wiring are Lua
  * (lua/fsdp/fsdp/); collectives are fl_comm's.

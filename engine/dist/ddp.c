@@ -1,4 +1,4 @@
-/* engine/ddp.c: data parallelism by replication, as torch's DistributedDataParallel: parameters are checked
+/* engine/dist/ddp.c: data parallelism by replication, as torch's DistributedDataParallel: parameters are checked
  * and broadcast from rank 0 at creation, and gradients are averaged over the group in flat buckets at the end
  * of a backward. The collectives are comm.c's; the Lua wrapper (lua/fsdp/ddp.lua) decides which backwards
  * reduce, by calling fl_ddp_prepare_backward from the model's forward. */

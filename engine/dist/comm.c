@@ -1,4 +1,4 @@
-/* engine/comm.c: process groups (fl_comm), collectives and their async handles (fl_work). World size 1 without
+/* engine/dist/comm.c: process groups (fl_comm), collectives and their async handles (fl_work). World size 1 without
  * mpirun runs locally (collectives are copies, no MPI). Under mpirun, one communication thread per process runs
  * every queued operation in issue order, so collectives progress while the caller computes and every rank sees
  * the same order; the MPI calls themselves are comm_mpi.c's.
