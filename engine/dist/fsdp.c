@@ -1,7 +1,7 @@
 /* engine/dist/fsdp.c: FSDP units — dim-0 sharding, unshard through one flat all-gather, reshard, the backward hooks
  * (a pre-backward node on each unit's outputs, a per-parameter ready hook that reduce-scatters a unit as soon
  * as its last gradient lands) and the final pass at the end of backward. Plans and module wiring are Lua
- * (lua/fsdp/fsdp/); collectives are fl_comm's.
+ * (lua/fsdp/parallel/); collectives are fl_comm's.
  *
  * Flat layout: every rank's chunk holds, parameter after parameter, that rank's rows of each parameter padded
  * to ceil(d0/N) rows. The all-gather output and the reduce-scatter input are N chunks, rank-major. */
