@@ -13,7 +13,7 @@ ifneq ($(SANITIZE),)
 CFLAGS  += $(SAN_OPT) -g -fno-omit-frame-pointer -fsanitize=$(SANITIZE) -fno-sanitize-recover=undefined
 LDFLAGS += -fsanitize=$(SANITIZE)
 endif
-CFLAGS  += -std=c11 -D_GNU_SOURCE -fPIC -fopenmp -Wall -Wextra -Wno-unused-parameter -Iengine -I$(BLAS_INC) \
+CFLAGS  += -std=c11 -D_GNU_SOURCE -fPIC -fopenmp -Wall -Wextra -Wno-unused-parameter -Iengine -Ikernels -I$(BLAS_INC) \
            $(shell pkg-config --cflags luajit 2>/dev/null)
 MPI_CFLAGS := $(shell mpicc --showme:compile 2>/dev/null)
 MPI_LIBS   := $(shell mpicc --showme:link 2>/dev/null)
@@ -21,8 +21,11 @@ CFLAGS  += $(MPI_CFLAGS)
 LDLIBS  := $(MPI_LIBS) -lopenblas -lm -lpthread
 LUAJIT_LIBS := $(shell pkg-config --libs luajit 2>/dev/null || echo -lluajit-5.1)
 
-ENGINE_SRC := $(filter-out engine/main.c,$(wildcard engine/*.c))
+# engine/ is one folder per layer: core (tensors, storage, autograd), ops, dist (communication, DDP, FSDP), io,
+# cli (the executable's main). Objects mirror the folders under $(BUILD)/obj; every header is a dependency.
+ENGINE_SRC := $(filter-out engine/cli/main.c,$(wildcard engine/*/*.c))
 ENGINE_OBJ := $(patsubst engine/%.c,$(BUILD)/obj/%.o,$(ENGINE_SRC))
+ENGINE_HDR := $(wildcard engine/*.h engine/*/*.h)
 CDEF := lua/fsdp/_cdef.lua
 
 ifeq ($(CUDA),1)
@@ -47,7 +50,7 @@ deps:
 	if [ -n "$$missing" ]; then echo "installing:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi
 
-$(BUILD)/obj/%.o: engine/%.c engine/fsdp.h engine/internal.h $(wildcard kernels/*.h)
+$(BUILD)/obj/%.o: engine/%.c $(ENGINE_HDR) $(wildcard kernels/*.h)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -c $< -o $@
 
@@ -59,10 +62,10 @@ $(BUILD)/libfsdp.so: $(ENGINE_OBJ) $(KERNEL_OBJ) Makefile
 	$(CC) $(LDFLAGS) -shared -fopenmp -Wl,-z,nodelete -o $@ $(filter %.o,$^) $(LDLIBS)  # nodelete: OpenMP threads outlive dlclose at exit
 
 # The executable exports the engine's symbols so that ffi.C finds them.
-$(BUILD)/fsdp-lua: $(BUILD)/obj/main.o $(ENGINE_OBJ) $(KERNEL_OBJ)
+$(BUILD)/fsdp-lua: $(BUILD)/obj/cli/main.o $(ENGINE_OBJ) $(KERNEL_OBJ)
 	$(CC) $(LDFLAGS) -fopenmp -Wl,--export-dynamic -o $@ $^ $(LUAJIT_LIBS) -ledit $(LDLIBS)
 
-$(BUILD)/obj/main.o: engine/main.c engine/fsdp.h
+$(BUILD)/obj/cli/main.o: engine/cli/main.c engine/fsdp.h
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -DFL_LUA_DIR='"$(abspath lua)"' -c $< -o $@
 

@@ -15,10 +15,12 @@
  * tensor); the caller releases it with fl_tensor_release. `const fl_tensor *` parameters are borrowed.
  * Errors: a negative int (enum fl_status) or NULL, with the message in fl_last_error().
  *
- * Global state, each defined in one file: the thread-local error buffer (error.c), the thread count
- * (parallel.c), grad mode, backward depth and the end-of-backward hooks (autograd.c), the allocation counters
- * (storage.c), the world communicator with its communication thread and queue (comm.c), the list of live DDP
- * reducers behind one end-of-backward hook (ddp.c).
+ * Global state, each defined in one file (paths under engine/): the thread-local error buffer (core/error.c), the
+ * thread count (core/parallel.c), grad mode, backward depth, the node counters and the end-of-backward hooks
+ * (core/autograd.c), the allocation counters (core/storage.c), the world communicator and the bench's skip switch
+ * (dist/comm.c), the communication thread with its queue, time counters and the record of departed peers
+ * (dist/comm_queue.c), that thread's reduction buffers (dist/reduce.c), MPI's element types and departure channel
+ * (dist/comm_mpi.c), the list of live DDP reducers behind one end-of-backward hook (dist/ddp.c).
  */
 #ifndef FSDP_H
 #define FSDP_H
@@ -276,7 +278,8 @@ int fl_st_write_at(const char *path, int64_t offset, int32_t file_dtype, const f
 int fl_file_write_at(const char *path, int64_t offset, const void *data, int64_t nbytes);
 void fl_free(void *p);
 
-/* ---- communication (comm.c: world-size-1 copies and checks; comm_mpi.c: Open MPI) ----
+/* ---- communication (dist/comm.c: groups, checks, world-size-1 copies; dist/comm_queue.c: the communication
+ * thread, waits and timeouts; dist/reduce.c: rank-order reductions; dist/comm_mpi.c: Open MPI) ----
  * A process group. Collectives take contiguous CPU tensors; a mismatch of dtype or size between ranks is an
  * error naming the rank (see fl_comm_check), never a hang. A collective that has not completed after the
  * group's timeout aborts the whole job with a message naming the collective, the group and the rank. */

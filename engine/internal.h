@@ -71,29 +71,6 @@ void fl_store_elem(void *p, int32_t dtype, int64_t i, double v);
 void fl_gemm_call(int32_t dtype, bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha, const void *a,
                   int64_t lda, const void *b, int64_t ldb, double beta, void *c, int64_t ldc);
 
-/* ---- the MPI transport (comm_mpi.c), used only by comm.c. Groups and requests are opaque (MPI_Comm,
- * MPI_Request) so that nothing else includes mpi.h. Negative returns carry fl_fail messages. ---- */
-bool fl_mpi_launched(void);
-int fl_mpi_init(void **world, int32_t *rank, int32_t *size);
-int fl_mpi_finalize(void *world);
-void fl_mpi_abort(int32_t code);
-int fl_mpi_split(void *g, int32_t color, int32_t key, void **out, int32_t *rank, int32_t *size);
-int fl_mpi_global_ranks(void *g, int32_t size, int32_t *out);
-void fl_mpi_free(void *g);
-int fl_mpi_allgather(void *g, const void *in, void *out, int64_t count, size_t esz);
-int fl_mpi_allgatherv_inplace(void *g, void *buf, const int *counts, const int *displs, size_t esz);
-int fl_mpi_alltoallv(void *g, const void *in, const int *sc, const int *sd, void *out, const int *rc, const int *rd,
-                     size_t esz);
-int fl_mpi_bcast(void *g, void *buf, int64_t count, size_t esz, int32_t root);
-int fl_mpi_barrier(void *g);
-int fl_mpi_isend(void *g, const void *buf, int64_t count, size_t esz, int32_t dst, int32_t tag, void **req);
-int fl_mpi_irecv(void *g, void *buf, int64_t count, size_t esz, int32_t src, int32_t tag, void **req);
-int fl_mpi_test(void **req, bool *done, int64_t *bytes);
-/* The departure channel: this rank tells every other that it leaves the job (kind 0) or aborts it (kind 1);
- * poll returns a peer's announcement (world rank, *kind), or -1. */
-void fl_mpi_announce(int32_t kind);
-int32_t fl_mpi_poll_announced(int32_t *kind);
-
 /* ---- counter-based RNG (rng.c) ---- */
 double fl_rng_uniform_at(uint64_t seed, uint64_t stream, uint64_t i);
 double fl_rng_normal_at(uint64_t seed, uint64_t stream, uint64_t i);

@@ -1,5 +1,5 @@
 /* kernels/act.cu: GELU (exact and tanh) and SiLU forward and backward as elementwise CUDA kernels. The math
- * per element is kernels/fl_math.h, the same functions engine/ops_act.c runs on the CPU; this file only
+ * per element is kernels/fl_math.h, the same functions engine/ops/ops_act.c runs on the CPU; this file only
  * launches it. Not reachable from the CPU path yet: the engine has no CUDA storage, so nothing calls these
  * functions (their declarations are in kernels/fl_cuda.h). */
 #include "fl_cuda.h"

@@ -52,7 +52,7 @@ void fl_cuda_blas_shutdown(void);
 
 extern "C" {
 #include "fsdp.h"
-/* engine/error.c: the one writer of the thread-local message (internal.h declares it for C). */
+/* engine/core/error.c: the one writer of the thread-local message (internal.h declares it for C). */
 int fl_fail(int code, const char *fmt, ...);
 }
 

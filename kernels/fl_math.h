@@ -1,6 +1,7 @@
 /* kernels/fl_math.h: scalar math of activations and norms, and the Philox generator, shared by the CPU loops
- * (engine/ops_act.c, engine/ops_norm.c, engine/rng.c) and the CUDA kernels, so both sides compute the same formula. f32 and f64 variants;
- * the f32 ones compute in f32 like PyTorch's CPU kernels (same formulas up to rounding). */
+ * (engine/ops/ops_act.c, engine/ops/ops_norm.c, engine/core/rng.c) and the CUDA kernels, so both sides compute
+ * the same formula. f32 and f64 variants; the f32 ones compute in f32 like PyTorch's CPU kernels (same formulas up
+ * to rounding). */
 #ifndef FL_MATH_H
 #define FL_MATH_H
 

@@ -1,5 +1,5 @@
 -- spec/attn_dropout_spec.lua: dropout on the attention probabilities inside the fused attention
--- (engine/ops_attn.c), the dropout keys (seed, rank, call counter) of fsdp.dropout_keys, their replay under
+-- (engine/ops/ops_attn.c), the dropout keys (seed, rank, call counter) of fsdp.dropout_keys, their replay under
 -- activation checkpointing, and GPT-2 / Llama training with Hugging Face's default dropouts.
 --
 -- Oracles: central differences in f64 (the mask is a function of the key, so it is fixed under perturbation);

@@ -1,4 +1,4 @@
--- spec/cli_spec.lua: the fsdp-lua executable (engine/main.c) run as a user runs it: options, scripts with
+-- spec/cli_spec.lua: the fsdp-lua executable (engine/cli/main.c) run as a user runs it: options, scripts with
 -- arguments, exit codes, error tracebacks and the REPL fed through a pipe.
 local root = (debug.getinfo(1, "S").source:match("^@(.*)spec/cli_spec%.lua$") or "")
 if root == "" then root = "./" end

@@ -1,4 +1,4 @@
--- spec/exact_sum_spec.lua: the exact sum of squares behind the gradient norm (engine/exact_sum.c). Its value is
+-- spec/exact_sum_spec.lua: the exact sum of squares behind the gradient norm (engine/core/exact_sum.c). Its value is
 -- checked against a double-double sum computed here (error-free products and sums, ~106 bits: far finer than
 -- one rounding to f64 for these data), and against hand-made cases where the correctly rounded result is known
 -- and a plain f64 sum gets it wrong; then the property the norm relies on: any split of the terms, in any order,

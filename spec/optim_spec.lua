@@ -91,7 +91,7 @@ describe("fl_adamw_step / fl_sgd_step", function()
     local p, m, v = clone(ops["adamw.p0"]), fsdp.zeros({4, 3}), fsdp.zeros({4, 3})
     local g = ops["adamw.g"]
     assert.equal(0, C.fl_adamw_step(p._p, g._p, m._p, v._p, 1, 1e-3, 0.9, 0.999, 1e-8, 0.01, 0, 0))
-    -- Bit-exact: the same f32 operations in the same order as torch's kernels (engine/optim.c).
+    -- Bit-exact: the same f32 operations in the same order as torch's kernels (engine/ops/optim.c).
     assert.equal(0, (diff(p, ops["adamw.p1"])))
     local g2 = g * 0.5   -- exact in f32, as torch's 0.5*g
     assert.equal(0, C.fl_adamw_step(p._p, g2._p, m._p, v._p, 2, 1e-3, 0.9, 0.999, 1e-8, 0.01, 0, 0))

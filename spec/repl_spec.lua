@@ -1,4 +1,4 @@
--- spec/repl_spec.lua: the REPL's logic (fsdp.repl), driven line by line as engine/main.c drives it.
+-- spec/repl_spec.lua: the REPL's logic (fsdp.repl), driven line by line as engine/cli/main.c drives it.
 -- Each test uses its own session with captured output, so nothing reaches the terminal.
 local repl = require "fsdp.repl"
 

@@ -1,6 +1,6 @@
 -- lua/fsdp/autograd.lua: the Lua side of autograd — backward (the one place Lua calls fl_backward),
 -- activation checkpointing through the engine's custom nodes, grad-mode re-exports and leak counters.
--- The graph, the backward engine and the saved tensors are C (engine/autograd.c).
+-- The graph, the backward engine and the saved tensors are C (engine/core/autograd.c).
 --
 -- LuaJIT rule this file is built around: a C function that calls back into Lua must never be called from a
 -- JIT-compiled trace. fl_backward calls back into Lua when the graph holds a checkpoint node, so every Lua

@@ -1,5 +1,5 @@
 -- lua/fsdp/dist.lua: joining the job, process groups (Comm), collectives with async handles (Work) and device
--- meshes (Mesh), over the engine's fl_comm (engine/comm.c). Ranks are 0-based everywhere, as in MPI and torch.
+-- meshes (Mesh), over the engine's fl_comm (engine/dist/comm.c). Ranks are 0-based everywhere, as in MPI and torch.
 --
 --   local dist = require "fsdp.dist"          -- also fsdp.dist; fsdp.init/world_size/rank/mesh/barrier
 --   dist.init{seed = 1234, timeout = 60}      -- idempotent; fine with one rank (no MPI then)

@@ -10,7 +10,7 @@ local C = core.C
 local M = {}
 
 -- key = rank * 2^32 + counter: distinct (rank, counter) pairs give distinct keys, exact in a double for ranks
--- below 2^21; the engine hashes the key into the stream (engine/ops_act.c, engine/ops_attn.c).
+-- below 2^21; the engine hashes the key into the stream (engine/ops/ops_act.c, engine/ops/ops_attn.c).
 local RANK_SHIFT = 2 ^ 32
 local counter = 0
 

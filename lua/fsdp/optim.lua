@@ -1,5 +1,5 @@
 -- lua/fsdp/optim.lua: optimizers (AdamW, SGD) over param groups, their state dicts, the warmup + cosine
--- schedule and global grad-norm clipping. The per-parameter math is one fused C loop (engine/optim.c) that
+-- schedule and global grad-norm clipping. The per-parameter math is one fused C loop (engine/ops/optim.c) that
 -- reproduces torch.optim's f32 operations; sharding (FSDP) only changes which tensors are passed in.
 local core   = require "fsdp.core"
 local Tensor = require "fsdp.tensor"
@@ -325,7 +325,7 @@ end
 
 -- ---- clipping ----
 
--- The squared gradient norm, summed exactly (engine/exact_sum.c). Each gradient's squares go into the
+-- The squared gradient norm, summed exactly (engine/core/exact_sum.c). Each gradient's squares go into the
 -- accumulator of its parameter's shard group (Tensor.shard_group: FSDP shards; nil for plain and DDP parameters,
 -- whose whole gradient every rank holds); each group's accumulator is summed over that group's ranks, then all
 -- are added and rounded once. Integer sums do not depend on order or split, so one process, DDP and FSDP with any

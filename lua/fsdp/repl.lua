@@ -1,4 +1,4 @@
--- lua/fsdp/repl.lua: the logic of the interactive REPL; engine/main.c only reads lines (libedit) and calls
+-- lua/fsdp/repl.lua: the logic of the interactive REPL; engine/cli/main.c only reads lines (libedit) and calls
 -- feed(line), which returns true while the statement is incomplete. Lines accumulate until they compile,
 -- "return <line>" is tried first so that expressions print, top-level locals are kept (rewritten to
 -- variables of one persistent environment where `fsdp` is preloaded), and errors never end the session.

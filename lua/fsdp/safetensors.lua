@@ -1,5 +1,5 @@
 -- lua/fsdp/safetensors.lua: safetensors files (hf-models.md §10). The JSON header is parsed and validated here
--- with lua-cjson; the tensor bytes are read and written by the engine (engine/safetensors.c) at byte offsets, with
+-- with lua-cjson; the tensor bytes are read and written by the engine (engine/io/safetensors.c) at byte offsets, with
 -- dtype conversion. Sharded checkpoints and FSDP shards build on header() + read_into() + write_at().
 local ffi    = require "ffi"
 local cjson  = require "cjson"

@@ -1,6 +1,6 @@
 -- spec/dist/departure_spec.lua: a rank that leaves the job (its script ends, os.exit(0)) while its peers wait
 -- for it in a collective makes them fail within seconds, naming the rank that left and the collective, instead
--- of blocking until the 600 s timeout (engine/comm.c, the departure channel of engine/comm_mpi.c).
+-- of blocking until the 600 s timeout (engine/dist/comm_queue.c, the departure channel of engine/dist/comm_mpi.c).
 local D = require "dist"
 
 local WORKER = "spec/workers/leave_early_worker.lua"

@@ -12,7 +12,7 @@ local STEPS, MAX_NORM = 6, "0.25"
 
 -- FSDP and DDP at the same world size are bit-identical: each rank computes the same local gradients from the
 -- same gathered weights; reduce-scatter and all-reduce sum over ranks in rank order and divide the same way;
--- the squared norm is summed exactly (engine/exact_sum.c) so no split of the shards changes it; and AdamW
+-- the squared norm is summed exactly (engine/core/exact_sum.c) so no split of the shards changes it; and AdamW
 -- rounds each shard element as torch rounds it in the whole tensor. So the comparison is exact (0).
 -- HSDP sums in two stages ((g0 + g1) + (g2 + g3) over dp_shard then dp_replicate, against DDP's
 -- ((g0 + g1) + g2) + g3): a few f32 ulps per step on values of order 1, carried by AdamW: 1e-6.

@@ -1,4 +1,4 @@
--- spec/dist/launcher_spec.lua: `fsdp-lua -n N` (engine/main.c) run as a user runs it: what each rank is given
+-- spec/dist/launcher_spec.lua: `fsdp-lua -n N` (engine/cli/main.c) run as a user runs it: what each rank is given
 -- (threads, paths, arguments), exit statuses, and how an error on one rank ends the job.
 local D = require "dist"   -- spec/support/dist.lua
 

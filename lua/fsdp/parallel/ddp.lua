@@ -1,6 +1,6 @@
 -- lua/fsdp/parallel/ddp.lua: fsdp.ddp(model, opts) — plain data parallelism, as torch's DistributedDataParallel:
 -- every rank holds the whole model, rank 0's weights are broadcast at wrap time, and each backward averages the
--- gradients over the group (engine/ddp.c does the work, in buckets). The parity baseline for FSDP. The model
+-- gradients over the group (engine/dist/ddp.c does the work, in buckets). The parity baseline for FSDP. The model
 -- takes a DDP class (Module.extend) with the sync methods, and a forward pre-hook arms the reduction.
 local ffi    = require "ffi"
 local core   = require "fsdp.core"

@@ -1,5 +1,5 @@
 -- lua/fsdp/parallel/units.lua: FSDP units on a module tree. A plan (parallel/plan.lua) says which modules form
--- which unit; this file makes the engine units (engine/fsdp.c), initialises or copies the local shards, and
+-- which unit; this file makes the engine units (engine/dist/fsdp.c), initialises or copies the local shards, and
 -- attaches each unit to its modules through their generic forward hooks: a pre-hook unshards (and checks that
 -- shards made on meta were initialised), a post-hook puts the pre-backward node on the output. The model then
 -- takes the FSDP module class (parallel/fsdp_module.lua), and model:parameters() yields the local shards.

@@ -1,7 +1,7 @@
-/* engine/fsdp.c: FSDP units — dim-0 sharding, unshard through one flat all-gather, reshard, the backward hooks
+/* engine/dist/fsdp.c: FSDP units — dim-0 sharding, unshard through one flat all-gather, reshard, the backward hooks
  * (a pre-backward node on each unit's outputs, a per-parameter ready hook that reduce-scatters a unit as soon
  * as its last gradient lands) and the final pass at the end of backward. Plans and module wiring are Lua
- * (lua/fsdp/fsdp/); collectives are fl_comm's.
+ * (lua/fsdp/parallel/); collectives are fl_comm's.
  *
  * Flat layout: every rank's chunk holds, parameter after parameter, that rank's rows of each parameter padded
  * to ceil(d0/N) rows. The all-gather output and the reduce-scatter input are N chunks, rank-major. */
@@ -9,7 +9,41 @@
 
 #include <stdio.h>
 
-enum { UNIT_SHARDED = 0, UNIT_GATHERING = 1, UNIT_UNSHARDED = 2 };
+/* Where a unit's parameters are. FSDP2's ShardedState, plus the all-gather in flight that FSDP2 keeps apart (there
+ * is no SHARDED_POST_FORWARD: a unit reshards to the same shards it came from). 0 is SHARDED: a unit is
+ * calloc'ed sharded. What happens in a forward or backward is two flags beside it: `reshard_pending` (forward
+ * is done with an unsharded unit, which reshards when the next unit's forward begins) and `reduced` (its
+ * reduce-scatter was issued in this backward; the end-of-backward pass clears it). */
+typedef enum {
+    UNIT_SHARDED = 0,     /* the full storages hold no bytes, the f32 shards are the weights; unshard gathers */
+    UNIT_GATHERING = 1,   /* the all-gather is in flight (prefetch); the full storages are allocated, not filled */
+    UNIT_UNSHARDED = 2    /* the full parameters hold the gathered weights; fl_fsdp_reshard frees them */
+} fsdp_unit_state;
+
+/* [Note: a unit's tensors]
+ * Per parameter i of n (fsdp_param):
+ *   shard    f32 leaf of this rank's rows [nrows, ...] (no padding). Always allocated (FL_MEM_PARAM), from
+ *            fl_fsdp_unit_new to the group's release: the master weights, what the optimizer steps.
+ *   full     the module's own parameter, full shape, in param_dtype. The unit takes it over: its storage holds
+ *            bytes only from the start of a gather to the reshard (FL_MEM_PARAM_UNSHARDED), and its leaf hook
+ *            (p->hook) tells the unit when a gradient is reachable and when it has landed.
+ *   full->grad   the unsharded gradient autograd accumulates, in full's shape and dtype. Alive from its first
+ *            contribution in backward until start_reduce has copied it into rs_in and drops it.
+ *   shard->grad  f32, the shard's shape (FL_MEM_GRAD): made by the first finish_reduce, then accumulated into
+ *            (+=) until the user zeroes it; what the optimizer reads.
+ * Per unit, flat buffers of `chunk` elements per rank, laid out as the top of this file says:
+ *   gather_out   [world * chunk] in param_dtype (FL_MEM_PARAM_UNSHARDED): the all-gather's output. Allocated by
+ *            start_gather, released by finish_gather once copied into the full parameters, so while GATHERING
+ *            a unit holds its weights twice (this buffer and the full storages).
+ *   gather_in    a view of this rank's block of gather_out, no memory of its own: the shards, converted to
+ *            param_dtype, with zeroed padding rows. The gather runs in place, so there is no second buffer.
+ *   rs_in    [world * chunk] in reduce_dtype (FL_MEM_GRAD): every rank's rows of each full->grad, zeros in
+ *            the padding. Allocated by start_reduce; released by finish_reduce as soon as the collective is done.
+ *   rs_out   [chunk] in reduce_dtype (FL_MEM_GRAD): this rank's averaged chunk (averaged again over the replicas
+ *            under HSDP, in place), added into the shards' grads and released by finish_reduce.
+ * A group keeps one reduce-scatter in flight (fl_fsdp_group.reducing), so backward holds at most two units'
+ * rs buffers. Forward and backward prefetch one unit ahead in the recorded order and a unit reshards once done
+ * with, so of the units that reshard, at most two hold full weights at a time (spec/dist/fsdp_memory_spec). */
 
 typedef struct fsdp_param {
     fl_leaf_hook hook;        /* first member: the engine hands us this pointer */
@@ -31,7 +65,7 @@ struct fl_fsdp_unit {
     int64_t chunk;            /* elements per rank */
     int32_t param_dtype, reduce_dtype;
     bool reshard_after_forward, sync;
-    int32_t state;
+    fsdp_unit_state state;
     fl_tensor *gather_in, *gather_out;
     fl_work *gather_work;
     int32_t pending;          /* gradients still to land in this backward */

@@ -1,4 +1,4 @@
-/* engine/storage.c: refcounted byte buffers that can be freed and re-allocated under live tensors, and the
+/* engine/core/storage.c: refcounted byte buffers that can be freed and re-allocated under live tensors, and the
  * per-category memory accounting (current, peak) plus the allocation counter that drives Lua's collector. */
 #include "internal.h"
 

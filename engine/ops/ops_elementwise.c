@@ -1,4 +1,4 @@
-/* engine/ops_elementwise.c: broadcasting binary ops (add, sub, mul, div), scalar ops and unary math, each
+/* engine/ops/ops_elementwise.c: broadcasting binary ops (add, sub, mul, div), scalar ops and unary math, each
  * with its backward. f32 and f64 kernels; bf16/f16 inputs run the f32 kernels and round once (ops_shape.c),
  * mixed dtypes promote as torch.result_type. Integer tensors must be cast first (the error says so). */
 #include "internal.h"

@@ -1,4 +1,4 @@
-/* engine/parallel.c: the thread count of our OpenMP loops. OpenBLAS must never thread (its split changes
+/* engine/core/parallel.c: the thread count of our OpenMP loops. OpenBLAS must never thread (its split changes
  * results with the thread count): every BLAS call is made from inside an active OpenMP parallel region,
  * where the OpenMP build of OpenBLAS runs single-threaded (see ops_matmul.c). openblas_set_num_threads also
  * sets OpenMP's count, hence the order below. */

@@ -1,4 +1,4 @@
-/* engine/tensor.c: tensor headers (shape, strides, offset over a refcounted storage), their lifecycle,
+/* engine/core/tensor.c: tensor headers (shape, strides, offset over a refcounted storage), their lifecycle,
  * strided copies and element access. Ops live in ops_*.c; autograd bookkeeping in autograd.c. */
 #include "internal.h"
 

@@ -1,9 +1,9 @@
-/* engine/ops_act.c: activations (GELU erf/tanh, SiLU, fused SwiGLU) and dropout, with backward, f32/f64.
+/* engine/ops/ops_act.c: activations (GELU erf/tanh, SiLU, fused SwiGLU) and dropout, with backward, f32/f64.
  * The scalar formulas live in kernels/fl_math.h (shared with CUDA); this file only loops and records.
  * bf16/f16 inputs run the f32 loops and round once (ops_shape.c); SwiGLU then rounds twice, as torch does. */
 #include "internal.h"
 
-#include "../kernels/fl_math.h"
+#include "fl_math.h"
 
 enum { ACT_GELU_ERF, ACT_GELU_TANH, ACT_SILU };
 

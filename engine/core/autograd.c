@@ -1,4 +1,4 @@
-/* engine/autograd.c: grad mode, graph nodes, and the backward engine.
+/* engine/core/autograd.c: grad mode, graph nodes, and the backward engine.
  * Ops record nodes through fl_node_make/fl_record; backward runs ready nodes highest sequence number first
  * (reverse creation order, as PyTorch), frees each node's saved tensors once it has run, and accumulates
  * leaf gradients into .grad. The engine keeps its per-run state in a local table, so a backward called from

@@ -1,4 +1,4 @@
-/* engine/ops_attn.c: causal scaled-dot-product attention with GQA, an optional sliding window and optional
+/* engine/ops/ops_attn.c: causal scaled-dot-product attention with GQA, an optional sliding window and optional
  * dropout on the attention probabilities, f32/f64; the counter-based RNG is rng.c's.
  * Flash-style memory: forward keeps only the per-row logsumexp [B, nH, T]; backward recomputes P block by
  * block, and with dropout regenerates the mask from (seed, key, b, h, i, j) instead of storing it. q/k/v are read in place through their strides (e.g. narrowed out of GPT-2's fused c_attn output).
@@ -12,7 +12,7 @@
 
 #include <math.h>
 
-#include "../kernels/fl_math.h"
+#include "fl_math.h"
 
 enum { ATTN_BQ = 64 };  /* query rows per block: bounds the score buffer to ATTN_BQ x T per task */
 

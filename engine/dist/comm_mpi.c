@@ -1,8 +1,9 @@
-/* engine/comm_mpi.c: the Open MPI transport under fl_comm — init/finalize/abort, communicator split, and one
- * blocking function per data movement. It moves bytes only: reductions, checks, queueing and timeouts are comm.c's.
- * Every function but fl_mpi_abort runs on comm.c's communication thread (or on the main thread while that thread
- * is not running: init, finalize), so MPI calls never overlap except an abort, hence MPI_THREAD_MULTIPLE. */
-#include "internal.h"
+/* engine/dist/comm_mpi.c: the Open MPI transport under fl_comm — init/finalize/abort, communicator split, and one
+ * blocking function per data movement. It moves bytes only: reductions are reduce.c's, checks comm.c's, queueing
+ * and timeouts comm_queue.c's. Every function but fl_mpi_abort runs on comm_queue.c's communication thread (or on
+ * the main thread while that thread is not running: init, finalize), so MPI calls never overlap except an abort,
+ * hence MPI_THREAD_MULTIPLE. */
+#include "comm_internal.h"
 
 #include <limits.h>
 #include <mpi.h>
@@ -22,7 +23,7 @@ static bool mpi_up = false;
 /* The departure channel: a communicator of its own on which a rank that leaves the job (end of script,
  * os.exit(0)) tells every other rank, so that a peer still waiting for it in a collective fails within seconds
  * instead of after the timeout. One receive from any rank is always posted; the main thread tests it while it
- * waits (MPI_THREAD_MULTIPLE), never concurrently with itself (comm.c serialises the calls). */
+ * waits (MPI_THREAD_MULTIPLE), never concurrently with itself (comm_queue.c serialises the calls). */
 enum { TAG_LEFT = 1 };
 static MPI_Comm ctl = MPI_COMM_NULL;
 static MPI_Request ctl_req = MPI_REQUEST_NULL;

@@ -1,4 +1,4 @@
-/* engine/safetensors.c: the bulk bytes of safetensors files — the 8-byte length and raw header, tensor data read
+/* engine/io/safetensors.c: the bulk bytes of safetensors files — the 8-byte length and raw header, tensor data read
  * at a byte offset (with dtype conversion) and written at a byte offset. Parsing and validating the JSON header,
  * and deciding the layout, are left to lua/fsdp/safetensors.lua. */
 #include "internal.h"

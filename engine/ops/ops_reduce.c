@@ -1,4 +1,4 @@
-/* engine/ops_reduce.c: sums, means and maxima. Every reduction uses fixed blocks combined in index order,
+/* engine/ops/ops_reduce.c: sums, means and maxima. Every reduction uses fixed blocks combined in index order,
  * so 1 thread and N threads give the same bits. bf16/f16 inputs run the f32 code and round once (ops_shape.c). */
 #include "internal.h"
 

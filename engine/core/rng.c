@@ -1,11 +1,11 @@
-/* engine/rng.c: counter-based random numbers (Philox-4x32-10). A value depends only on
+/* engine/core/rng.c: counter-based random numbers (Philox-4x32-10). A value depends only on
  * (seed, name hash, element index), never on thread count or on how a tensor is split across ranks. */
 #include "internal.h"
 
 #include <math.h>
 #include <string.h>
 
-#include "../kernels/fl_math.h"  /* fl_philox, shared with the CUDA kernels */
+#include "fl_math.h"  /* fl_philox, shared with the CUDA kernels */
 
 /* FNV-1a, 64 bit: stable across builds, so a name always picks the same stream. */
 uint64_t fl_rng_hash_name(const char *name) {

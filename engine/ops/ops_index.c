@@ -1,4 +1,4 @@
-/* engine/ops_index.c: top-k over the last dim, gather and scatter-add along a dim (MoE routing), with
+/* engine/ops/ops_index.c: top-k over the last dim, gather and scatter-add along a dim (MoE routing), with
  * backward, f32/f64 values and i64/i32 indices. Scatters run in parallel only over positions that write
  * disjoint outputs, each adding along `dim` in index order, so results do not depend on the thread count.
  * bf16/f16 values run the f32 code and round once (ops_shape.c). */

@@ -1,4 +1,4 @@
-/* engine/main.c: the fsdp-lua executable. Embeds LuaJIT, points package.path at the lua/ library, and runs
+/* engine/cli/main.c: the fsdp-lua executable. Embeds LuaJIT, points package.path at the lua/ library, and runs
  * a script, a -e statement or the interactive REPL (line editing through libedit). The engine itself is
  * reached from Lua through the FFI (the executable exports its fl_* symbols). `-n N` re-executes the same
  * command under mpirun (the launcher); each rank joins the job at start, so that an uncaught error on any rank

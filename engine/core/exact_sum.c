@@ -1,4 +1,4 @@
-/* engine/exact_sum.c: sums of squares accumulated exactly, so that the gradient norm does not depend on how
+/* engine/core/exact_sum.c: sums of squares accumulated exactly, so that the gradient norm does not depend on how
  * the parameters are split (one process, DDP, FSDP with any plan or world size give the same bits). Combining
  * accumulators across ranks is in comm.c terms (one all-gather); nothing here communicates.
  *

@@ -1,7 +1,7 @@
-/* engine/ddp.c: data parallelism by replication, as torch's DistributedDataParallel: parameters are checked
+/* engine/dist/ddp.c: data parallelism by replication, as torch's DistributedDataParallel: parameters are checked
  * and broadcast from rank 0 at creation, and gradients are averaged over the group in flat buckets at the end
- * of a backward. The collectives are comm.c's; the Lua wrapper (lua/fsdp/ddp.lua) decides which backwards
- * reduce, by calling fl_ddp_prepare_backward from the model's forward. */
+ * of a backward. The collectives are comm.c's; the Lua wrapper (lua/fsdp/parallel/ddp.lua) decides which
+ * backwards reduce, by calling fl_ddp_prepare_backward from a forward pre-hook on the model. */
 #include "internal.h"
 
 #include <stdio.h>

@@ -1,4 +1,4 @@
-/* engine/optim.c: fused AdamW and SGD steps over one (local shard of a) parameter, reproducing the f32
+/* engine/ops/optim.c: fused AdamW and SGD steps over one (local shard of a) parameter, reproducing the f32
  * operations of torch.optim's single-tensor path (foreach=False) bit for bit. State allocation, param groups,
  * schedules and clipping are the Lua front end's (lua/fsdp/optim.lua).
  *

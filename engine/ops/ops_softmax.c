@@ -1,4 +1,4 @@
-/* engine/ops_softmax.c: softmax and log-softmax over any dim, and the fused mean cross-entropy (log-softmax +
+/* engine/ops/ops_softmax.c: softmax and log-softmax over any dim, and the fused mean cross-entropy (log-softmax +
  * NLL with ignore_index), each with backward, f32/f64. Row sums run in f64 in index order, and the loss is
  * the ordered sum of per-row losses, so results do not depend on the thread count. bf16/f16 inputs run the
  * f32 code (ops_shape.c): softmax rounds once to the input dtype, cross-entropy returns an f32 loss (Hugging
@@ -7,7 +7,7 @@
 
 #include <math.h>
 
-#include "../kernels/fl_math.h"
+#include "fl_math.h"
 
 enum { EXP_CHUNK = 1024 };  /* f32 exps go through a stack buffer in chunks so that the exp loop vectorises */
 

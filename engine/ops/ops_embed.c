@@ -1,4 +1,4 @@
-/* engine/ops_embed.c: embedding lookup (backward: deterministic scatter-add of rows) and rotary position
+/* engine/ops/ops_embed.c: embedding lookup (backward: deterministic scatter-add of rows) and rotary position
  * embedding in the Hugging Face rotate_half convention, with backward, f32/f64 and bf16/f16 (the lookup copies
  * rows of any float dtype; its bf16 gradient is summed in f32 and rounded once; RoPE in bf16 rounds where
  * Hugging Face's torch code does). Attention is ops_attn.c. */

@@ -1,4 +1,4 @@
-/* engine/ops_shape.c: views and copies that change shape or dtype (view/reshape, transpose, permute, narrow,
+/* engine/ops/ops_shape.c: views and copies that change shape or dtype (view/reshape, transpose, permute, narrow,
  * expand, contiguous, cast, cat, index_select), each with its backward. */
 #include "internal.h"
 

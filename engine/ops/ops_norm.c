@@ -1,4 +1,4 @@
-/* engine/ops_norm.c: LayerNorm and RMSNorm over the last dim, with backward (f32/f64). Row statistics are
+/* engine/ops/ops_norm.c: LayerNorm and RMSNorm over the last dim, with backward (f32/f64). Row statistics are
  * accumulated in f64 and saved for backward (one mean/rstd per row); weight/bias gradients are summed over
  * fixed row blocks combined in order, so any thread count gives the same bits. bf16/f16: LayerNorm runs the
  * f32 code and rounds once (ops_shape.c); RMSNorm follows Hugging Face's two steps (below). */
@@ -6,7 +6,7 @@
 
 #include <math.h>
 
-#include "../kernels/fl_math.h"
+#include "fl_math.h"
 
 enum { NORM_ROW_BLOCK = 64 };  /* rows per partial sum of dw/db: fixed, never from the thread count */
 

@@ -1,4 +1,4 @@
-/* engine/ops_matmul.c: matmul (batched, broadcasting) and linear (Linear [out, in] and GPT-2 Conv1D
+/* engine/ops/ops_matmul.c: matmul (batched, broadcasting) and linear (Linear [out, in] and GPT-2 Conv1D
  * [in, out] layouts) through OpenBLAS, with backward.
  * Determinism: OpenBLAS picks kernels and splits work by its thread count, which changes the bits. So we
  * never let it thread: every GEMM is cut into fixed blocks of rows (or columns) of C, independent of the

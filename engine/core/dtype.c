@@ -1,4 +1,4 @@
-/* engine/dtype.c: element sizes and names, bf16/f16 bit conversions, and bulk conversion between dtypes. */
+/* engine/core/dtype.c: element sizes and names, bf16/f16 bit conversions, and bulk conversion between dtypes. */
 #include "internal.h"
 
 #include <math.h>

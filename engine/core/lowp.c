@@ -1,4 +1,4 @@
-/* engine/lowp.c: bf16/f16 support for every op — inputs converted to f32, the op's f32 code run, each output
+/* engine/core/lowp.c: bf16/f16 support for every op — inputs converted to f32, the op's f32 code run, each output
  * and gradient rounded once. The ops call fl_lowp_apply from their entry points; nothing else lives here. */
 #include "internal.h"
 

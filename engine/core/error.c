@@ -1,4 +1,4 @@
-/* engine/error.c: the thread-local error message, the only writer of it.
+/* engine/core/error.c: the thread-local error message, the only writer of it.
  * Every failing entry point returns a negative code or NULL after calling fl_fail; Lua reads fl_last_error. */
 #include "internal.h"
 

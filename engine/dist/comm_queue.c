@@ -1,0 +1,393 @@
+/* engine/dist/comm_queue.c: the communication thread and its queue, the life of an fl_work (issue, completion,
+ * wait), timeouts and the departure checks. What each operation does is comm.c's; the MPI calls are comm_mpi.c's.
+ *
+ * Under mpirun one communication thread per process runs every queued operation in issue order, so collectives
+ * progress while the caller computes and every rank sees the same order. A wait that outlives its group's timeout,
+ * or whose group has lost a member to the departure channel, ends the job with a message instead of hanging. */
+#include "comm_internal.h"
+
+#include <errno.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <time.h>
+#include <unistd.h>
+
+/* ---- process state: the queue and its thread, timing ---- */
+static bool running = false;               /* the thread runs (MPI is up): fl_queue_start until fl_queue_end */
+static pthread_t comm_thread;
+static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t q_cond, done_cond;   /* work queued / work completed; CLOCK_MONOTONIC */
+static fl_work *q_head = NULL, *q_tail = NULL;
+static bool q_stop = false;
+static int64_t inflight = 0;               /* queued or posted, not yet complete (under mu) */
+static double comm_time = 0;               /* under mu: the calling threads' time in collectives */
+static double busy_time = 0;               /* under mu: the communication thread's time executing them */
+
+/* Peers that have left the job (comm_mpi.c's departure channel), by world rank. A wait that involves one of
+ * them fails once DEPARTURE_GRACE_S have passed since both the departure and the wait began: long enough for a
+ * collective the peer did finish before leaving to complete here too, short against the timeout. */
+static const double DEPARTURE_GRACE_S = 2.0, WAIT_SLICE_S = 0.1;
+static pthread_mutex_t departed_mu = PTHREAD_MUTEX_INITIALIZER;   /* serialises polls of the channel */
+static double *departed_at = NULL;                                 /* [world size]: 0, or when it was seen */
+static double aborting_since = 0;   /* when a peer announced that it aborts the job (0: none has) */
+static int32_t departed_member(const fl_comm *c, double *since);
+static void departed_abort(int32_t gone, const char *what, const char *group);
+
+double fl_comm_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static struct timespec abs_time(double t) {
+    struct timespec ts;
+    ts.tv_sec = (time_t)t;
+    ts.tv_nsec = (long)((t - (double)ts.tv_sec) * 1e9);
+    if (ts.tv_nsec >= 1000000000L) { ts.tv_sec++; ts.tv_nsec -= 1000000000L; }
+    return ts;
+}
+
+/* ---- the communication thread ---- */
+
+static void complete(fl_work *w, int rc) {
+    pthread_mutex_lock(&mu);
+    w->rc = rc;
+    if (rc < 0) {
+        const char *what = w->kind == OP_CHECK ? w->what : fl_op_names[w->kind];
+        snprintf(w->err, sizeof w->err, "%s on group '%s': %s", what, w->comm->name, fl_last_error());
+    }
+    w->done = true;
+    inflight--;
+    pthread_cond_broadcast(&done_cond);
+    pthread_mutex_unlock(&mu);
+}
+
+/* Posted sends/receives, owned by the communication thread; MPI progresses them inside every MPI call. */
+typedef struct { fl_work **w; int32_t n, cap; } pending_list;
+
+static int post_p2p(fl_work *w, pending_list *pl) {
+    size_t es = fl_dtype_size(w->dtype);
+    if (pl->n == pl->cap) {
+        int32_t cap = pl->cap ? 2 * pl->cap : 16;
+        fl_work **nw = realloc(pl->w, sizeof *nw * (size_t)cap);
+        if (!nw) return fl_fail(FL_ENOMEM, "out of memory");
+        pl->w = nw;
+        pl->cap = cap;
+    }
+    int rc = w->kind == OP_SEND
+                 ? fl_mpi_isend(w->comm->mpi, fl_tensor_data(w->in), w->numel, es, w->peer, w->tag, &w->req)
+                 : fl_mpi_irecv(w->comm->mpi, fl_tensor_data(w->out), w->numel, es, w->peer, w->tag, &w->req);
+    if (rc == 0) pl->w[pl->n++] = w;
+    return rc;
+}
+
+/* Tests every posted send/receive once; returns how many completed. */
+static int32_t progress_p2p(pending_list *pl) {
+    int32_t finished = 0;
+    for (int32_t i = 0; i < pl->n;) {
+        fl_work *w = pl->w[i];
+        bool done = false;
+        int64_t bytes = 0;
+        int rc = fl_mpi_test(&w->req, &done, &bytes);
+        if (!done) { i++; continue; }
+        int64_t want = w->numel * (int64_t)fl_dtype_size(w->dtype);
+        if (rc == 0 && w->kind == OP_RECV && bytes != want)
+            rc = fl_fail(FL_EINVAL, "expected %" PRId64 " elements of %s (%" PRId64 " bytes) from rank %d (tag %d), "
+                         "got %" PRId64 " bytes", w->numel, fl_dtype_name(w->dtype), want, w->peer, w->tag, bytes);
+        pl->w[i] = pl->w[--pl->n];
+        complete(w, rc);
+        finished++;
+    }
+    return finished;
+}
+
+static void execute(fl_work *w, pending_list *pl) {
+    int rc;
+    switch (w->kind) {
+    case OP_SEND:
+    case OP_RECV:
+        rc = post_p2p(w, pl);
+        if (rc < 0) complete(w, rc);
+        return;
+    case OP_FREE:
+        fl_comm_destroy(w->comm);
+        free(w);   /* nobody waits for a release */
+        pthread_mutex_lock(&mu);
+        inflight--;
+        pthread_cond_broadcast(&done_cond);
+        pthread_mutex_unlock(&mu);
+        return;
+    default: rc = fl_comm_run(w); break;   /* a collective or a split */
+    }
+    complete(w, rc);
+}
+
+static void *comm_main(void *arg) {
+    (void)arg;
+    pending_list pl = {0};
+    double idle = 0;   /* back-off between tests of posted sends/receives when nothing else is queued */
+    pthread_mutex_lock(&mu);
+    for (;;) {
+        if (q_head) {
+            fl_work *w = q_head;
+            q_head = w->next;
+            if (!q_head) q_tail = NULL;
+            pthread_mutex_unlock(&mu);
+            double t0 = fl_comm_now();
+            execute(w, &pl);
+            if (pl.n) progress_p2p(&pl);
+            double dt = fl_comm_now() - t0;
+            pthread_mutex_lock(&mu);
+            busy_time += dt;
+            continue;
+        }
+        if (pl.n) {
+            pthread_mutex_unlock(&mu);
+            int32_t k = progress_p2p(&pl);
+            pthread_mutex_lock(&mu);
+            if (k > 0 || q_head) { idle = 0; continue; }
+            idle = idle == 0 ? 1e-5 : fmin(idle * 2, 1e-3);
+            struct timespec ts = abs_time(fl_comm_now() + idle);
+            pthread_cond_timedwait(&q_cond, &mu, &ts);
+            continue;
+        }
+        if (q_stop) break;
+        pthread_cond_wait(&q_cond, &mu);
+    }
+    pthread_mutex_unlock(&mu);
+    free(pl.w);
+    fl_reduce_scratch_free();
+    return NULL;
+}
+
+void fl_queue_push(fl_work *w) {
+    pthread_mutex_lock(&mu);
+    w->next = NULL;
+    if (q_tail) q_tail->next = w; else q_head = w;
+    q_tail = w;
+    inflight++;
+    pthread_cond_signal(&q_cond);
+    pthread_mutex_unlock(&mu);
+}
+
+/* ---- start and finalize ---- */
+
+int fl_queue_start(int32_t world_size) {
+    departed_at = calloc((size_t)world_size, sizeof *departed_at);
+    if (!departed_at) return fl_fail(FL_ENOMEM, "dist_init: out of memory");
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&q_cond, &ca);
+    pthread_cond_init(&done_cond, &ca);
+    pthread_condattr_destroy(&ca);
+    q_stop = false;
+    if (pthread_create(&comm_thread, NULL, comm_main, NULL) != 0)
+        return fl_fail(FL_ECOMM, "dist_init: cannot start the communication thread: %s", strerror(errno));
+    running = true;
+    return FL_OK;
+}
+
+bool fl_queue_running(void) { return running; }
+
+void fl_queue_drain(void) {
+    const fl_comm *world = fl_comm_world();
+    /* The thread finishes what was issued first (operations nobody waited for included); one still pending
+     * past the world's timeout aborts the job like a wait would. */
+    double start = fl_comm_now(), deadline = start + world->timeout;
+    pthread_mutex_lock(&mu);
+    q_stop = true;
+    pthread_cond_signal(&q_cond);
+    while (inflight > 0 && fl_comm_now() < deadline) {
+        double since = 0;
+        pthread_mutex_unlock(&mu);
+        int32_t gone = departed_member(NULL, &since);
+        pthread_mutex_lock(&mu);
+        if (gone >= 0 && inflight > 0 && fl_comm_now() >= fmax(since, start) + DEPARTURE_GRACE_S) {
+            pthread_mutex_unlock(&mu);
+            departed_abort(gone, "finalize (operations issued but not waited for)", "world");
+        }
+        struct timespec ts = abs_time(fmin(deadline, fl_comm_now() + WAIT_SLICE_S));
+        if (inflight > 0) pthread_cond_timedwait(&done_cond, &mu, &ts);
+    }
+    int64_t stuck = inflight;
+    pthread_mutex_unlock(&mu);
+    if (stuck > 0) {
+        char msg[256];
+        snprintf(msg, sizeof msg, "fsdp: finalize: %" PRId64 " issued operations did not complete after %g s",
+                 stuck, world->timeout);
+        fl_dist_abort(1, msg);
+    }
+    /* Then wait until every peer has left too, before MPI_Finalize: its fence would block here while a
+     * peer that still waits for us aborts, and Open MPI's launcher then hangs tearing the job down. A peer
+     * that aborts tells us (departed_member exits); one that never finishes hits the world's timeout. */
+    for (;;) {
+        double since = 0;
+        departed_member(NULL, &since);
+        int32_t missing = -1;
+        for (int32_t r = 0; r < world->size && missing < 0; r++)
+            if (r != world->rank && departed_at[r] == 0) missing = r;
+        if (aborting_since > 0) {
+            /* mpirun kills this rank at once; should it not, leave without its exit code counting first */
+            if (fl_comm_now() > aborting_since + 10) _exit(1);
+        } else if (missing < 0) {
+            break;
+        }
+        if (fl_comm_now() >= deadline) {
+            char msg[256];
+            snprintf(msg, sizeof msg, "fsdp: finalize: rank %d did not finish its script within %g s of this rank",
+                     missing, world->timeout);
+            fl_dist_abort(1, msg);
+        }
+        struct timespec ts = {0, 2000000};
+        nanosleep(&ts, NULL);
+    }
+    pthread_join(comm_thread, NULL);
+    pthread_cond_destroy(&q_cond);
+    pthread_cond_destroy(&done_cond);
+}
+
+void fl_queue_end(void) {
+    running = false;
+    free(departed_at);
+    departed_at = NULL;
+}
+
+/* ---- work records, waits, timeouts and departures ---- */
+
+fl_work *fl_work_new(op_kind kind, fl_comm *c) {
+    fl_work *w = calloc(1, sizeof *w);
+    if (!w) return fl_fail_null(FL_ENOMEM, "%s: out of memory", fl_op_names[kind]);
+    w->kind = kind;
+    w->comm = c;
+    w->peer = -1;
+    w->t_issue = fl_comm_now();
+    return w;
+}
+
+void fl_work_free(fl_work *w) {
+    fl_tensor_release(w->out);
+    fl_tensor_release(w->in);
+    free(w);
+}
+
+static void timeout_abort(const fl_work *w) {
+    char msg[ERR_LEN];
+    const char *what = w->kind == OP_CHECK ? w->what : fl_op_names[w->kind];
+    if (w->kind == OP_SEND || w->kind == OP_RECV)
+        snprintf(msg, sizeof msg, "fsdp: %s %s rank %d (tag %d) on group '%s' did not complete after %g s", what,
+                 w->kind == OP_SEND ? "to" : "from", w->peer, w->tag, w->comm->name, w->comm->timeout);
+    else
+        snprintf(msg, sizeof msg, "fsdp: %s on group '%s' did not complete after %g s", what, w->comm->name,
+                 w->comm->timeout);
+    fl_dist_abort(1, msg);
+}
+
+/* Reads the departure channel; returns the first member of c (or of the world, c NULL) known to have left,
+ * as a world rank, with *since the time it was seen; -1 when none has. */
+static int32_t departed_member(const fl_comm *c, double *since) {
+    if (!running || !departed_at) return -1;
+    const fl_comm *world = fl_comm_world();
+    pthread_mutex_lock(&departed_mu);
+    int32_t kind = 0;
+    for (int32_t r; (r = fl_mpi_poll_announced(&kind)) >= 0;) {
+        /* a peer aborts the job and has printed why; mpirun is ending the job. Finalize must then not enter
+         * MPI_Finalize's fence, which would hang Open MPI's launcher while it tears the job down. */
+        if (kind == 1 && aborting_since == 0) aborting_since = fl_comm_now();
+        if (r < world->size && departed_at[r] == 0) departed_at[r] = fl_comm_now();
+    }
+    int32_t gone = -1;
+    int32_t n = c ? c->size : world->size;
+    for (int32_t i = 0; i < n && gone < 0; i++) {
+        int32_t g = c ? c->granks[i] : i;
+        if (departed_at[g] > 0) { gone = g; *since = departed_at[g]; }
+    }
+    pthread_mutex_unlock(&departed_mu);
+    return gone;
+}
+
+static void departed_abort(int32_t gone, const char *what, const char *group) {
+    const fl_comm *world = fl_comm_world();
+    char msg[ERR_LEN];
+    snprintf(msg, sizeof msg, "fsdp: rank %d has exited while rank %d waits in %s on group '%s' (every rank must run "
+             "the same collectives: e.g. the same number of steps)", gone, world->rank, what, group);
+    /* Not MPI_Abort: with the peer inside MPI_Finalize, Open MPI's abort can hang the launcher. A rank that exits
+     * non-zero without finalizing makes mpirun end the job by itself. */
+    fl_dist_exit(1, msg, false);
+}
+
+/* Blocks until w is done; aborts the job when its group's timeout (from issue) passes, or a member of the group
+ * has left the job and the collective has not completed within the grace period. Returns w's rc. */
+int fl_work_wait_done(fl_work *w) {
+    double start = fl_comm_now();
+    pthread_mutex_lock(&mu);
+    while (!w->done) {
+        double t = fl_comm_now(), deadline = w->t_issue + w->comm->timeout;
+        if (t >= deadline) {
+            pthread_mutex_unlock(&mu);
+            timeout_abort(w);
+        }
+        if (w->comm->mpi) {
+            double since = 0;
+            pthread_mutex_unlock(&mu);
+            int32_t gone = departed_member(w->comm, &since);
+            pthread_mutex_lock(&mu);
+            if (gone >= 0 && !w->done && fl_comm_now() >= fmax(since, start) + DEPARTURE_GRACE_S) {
+                pthread_mutex_unlock(&mu);
+                departed_abort(gone, w->kind == OP_CHECK ? w->what : fl_op_names[w->kind], w->comm->name);
+            }
+        }
+        struct timespec ts = abs_time(fmin(deadline, t + WAIT_SLICE_S));
+        if (!w->done) pthread_cond_timedwait(&done_cond, &mu, &ts);
+    }
+    pthread_mutex_unlock(&mu);
+    if (w->rc < 0) return fl_fail(w->rc, "%s", w->err);
+    return FL_OK;
+}
+
+int fl_work_wait(fl_work *w) {
+    if (!w) return FL_OK;
+    double t0 = fl_comm_now();
+    int rc = fl_work_wait_done(w);
+    fl_queue_add_time(t0);
+    fl_work_free(w);
+    return rc;
+}
+
+bool fl_work_test(fl_work *w) {
+    if (!w) return true;
+    pthread_mutex_lock(&mu);
+    bool d = w->done;
+    pthread_mutex_unlock(&mu);
+    return d;
+}
+
+/* ---- accounting ---- */
+void fl_queue_add_time(double t0) {
+    double dt = fl_comm_now() - t0;
+    pthread_mutex_lock(&mu);
+    comm_time += dt;
+    pthread_mutex_unlock(&mu);
+}
+
+double fl_comm_time_total(void) {
+    pthread_mutex_lock(&mu);
+    double t = comm_time;
+    pthread_mutex_unlock(&mu);
+    return t;
+}
+
+double fl_comm_busy_time(void) {
+    pthread_mutex_lock(&mu);
+    double t = busy_time;
+    pthread_mutex_unlock(&mu);
+    return t;
+}
+
+void fl_comm_time_reset(void) {
+    pthread_mutex_lock(&mu);
+    comm_time = 0;
+    busy_time = 0;
+    pthread_mutex_unlock(&mu);
+}
