@@ -1,6 +1,7 @@
 -- lua/fsdp/optim.lua: optimizers (AdamW, SGD) over param groups, their state dicts, the warmup + cosine
 -- schedule and global grad-norm clipping. The per-parameter math is one fused C loop (engine/ops/optim.c) that
 -- reproduces torch.optim's f32 operations; sharding (FSDP) only changes which tensors are passed in.
+local ffi    = require "ffi"
 local core   = require "fsdp.core"
 local Tensor = require "fsdp.tensor"
 local basic  = require "fsdp.ops.basic"   -- also installs the tensor methods used here
@@ -326,11 +327,13 @@ end
 -- ---- clipping ----
 
 -- The squared gradient norm, summed exactly (engine/core/exact_sum.c). Each gradient's squares go into the
--- accumulator of its parameter's shard group (Tensor.shard_group: FSDP shards; nil for plain and DDP parameters,
--- whose whole gradient every rank holds); each group's accumulator is summed over that group's ranks, then all
--- are added and rounded once. Integer sums do not depend on order or split, so one process, DDP and FSDP with any
--- plan, mesh or world size give the same bits from the same gradients. The groups are visited in the order the
--- parameter list first names them, which every rank shares, so every rank runs the same collectives.
+-- accumulator of its parameter's shard group (Tensor.shard_group: FSDP shards) or replica group
+-- (Tensor.replica_group: DDP, each replica summing its slice); plain parameters sum locally. Each group's
+-- accumulator is summed over that group's ranks, then all are added and rounded once. Integer sums do not depend
+-- on order or split, so one process, DDP and FSDP with any plan, mesh or world size give the same bits from the
+-- same gradients. The groups are visited in the order the parameter list first names them, which every rank
+-- shares, so every rank runs the same collectives.
+local slice_lo, slice_len, flat_shape = ffi.new("int64_t[1]"), ffi.new("int64_t[1]"), ffi.new("int64_t[1]")
 local function grad_sum_squares(list)
   local order, acc_of = {}, {}
   local function acc_for(group)
@@ -345,12 +348,25 @@ local function grad_sum_squares(list)
   end
   acc_for(nil)
   for _, p in ipairs(list) do
-    local group = Tensor.shard_group(p)
-    local acc = acc_for(group)
+    local group, replicas = Tensor.shard_group(p), Tensor.replica_group(p)
+    local acc = acc_for(group or replicas)
     local g = C.fl_tensor_get_grad(p._p)
     if g ~= nil then
-      local rc = C.fl_exact_sum_add_squares(acc._p, g)
-      C.fl_tensor_release(g)
+      local part = g
+      if replicas then
+        -- a DDP gradient is the same on every replica: each sums its slice of it (fl_shard_rows over the
+        -- flattened tensor) and the group's all-gather adds the slices, exactly, to the whole's sum
+        local n = tonumber(C.fl_tensor_numel(g))
+        C.fl_shard_rows(n, C.fl_comm_size(replicas), C.fl_comm_rank(replicas), slice_lo, slice_len)
+        flat_shape[0] = n
+        local flat = C.fl_view(g, 1, flat_shape)
+        part = flat ~= nil and C.fl_narrow(flat, 0, slice_lo[0], slice_len[0]) or nil
+        C.fl_tensor_release(flat)
+        C.fl_tensor_release(g)
+        if part == nil then core.raise("clip_grad_norm: " .. core.last_error()) end
+      end
+      local rc = C.fl_exact_sum_add_squares(acc._p, part)
+      C.fl_tensor_release(part)
       core.check(rc, nil, 3)
     end
   end

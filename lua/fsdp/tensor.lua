@@ -79,6 +79,10 @@ function Tensor.set_shard_info(t, info) rawset(t, "_shard_info", info) end
 function Tensor.set_local(t, part) rawset(t, "_local", part) end
 function Tensor.local_of(t) return rawget(t, "_local") or t end
 function Tensor.shard_info(t) return rawget(t, "_shard_info") end
+-- A DDP parameter is replicated over a group (the fl_comm): every rank holds the same gradient after the
+-- all-reduce, so a reduction over parameters may split its work across the replicas.
+function Tensor.set_replica_group(t, comm) rawset(t, "_replica_group", comm) end
+function Tensor.replica_group(t) return rawget(t, "_replica_group") end
 function Tensor.shard_group(t)
   local info = rawget(t, "_shard_info")
   return info and info.group

@@ -5,6 +5,7 @@
 local ffi    = require "ffi"
 local core   = require "fsdp.core"
 local Module = require "fsdp.nn.module"
+local Tensor = require "fsdp.tensor"
 
 local C = core.C
 
@@ -110,6 +111,7 @@ local function ddp(model, opts)
   -- Averages the grads now (what a reducing backward does at its end); collective over the group.
   function state.sync_grads() core.check(C.fl_ddp_sync_grads(state.handle), nil, 2) end
   rawset(model, "ddp", state)
+  for _, t in ipairs(tensors) do Tensor.set_replica_group(t, group._p) end   -- the gradient norm splits its work
 
   -- The forward arms the reduction of the backward that follows (torch's prepare_for_backward): a backward
   -- that did not come from this model's forward never communicates, so dropping an old model is safe.
