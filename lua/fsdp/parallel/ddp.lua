@@ -18,7 +18,7 @@ local function pack(...) return {n = select("#", ...), ...} end
 local function group_of(mesh)
   local dist = require "fsdp.dist"
   if mesh == nil then return dist.world(), nil end
-  if getmetatable(mesh) ~= dist.Mesh then
+  if getmetatable(mesh) ~= dist.Mesh then   -- the type lives in dist; parallel/mesh.lua builds them
     core.raise(("ddp: mesh must be a mesh from fsdp.mesh, got %s"):format(type(mesh)))
   end
   local names = mesh:names()

@@ -1,8 +1,8 @@
 -- lua/fsdp/parallel/init.lua: `require "fsdp.parallel"` — the one home of data parallelism. FSDP: plans
 -- (plan.lua: plan forms and units; plan_options.lua: their options; explain.lua: each rank's shards), the engine
--- units and their module hooks (units.lua), what a sharded module can do (fsdp_module.lua); DDP (ddp.lua).
--- Meshes and collectives are fsdp.dist's. Everything attaches to modules through nn.Module's generic hooks and
--- Module.extend.
+-- units and their module hooks (units.lua), what a sharded module can do (fsdp_module.lua); DDP (ddp.lua);
+-- device meshes (mesh.lua, also fsdp.mesh). Collectives are fsdp.dist's. Everything attaches to modules through
+-- nn.Module's generic hooks and Module.extend.
 local M = {}
 
 local units       = require "fsdp.parallel.units"
@@ -20,5 +20,6 @@ function M.full_state_dict(model, opts) return model:full_state_dict(opts) end
 function M.set_requires_gradient_sync(model, on) return model:set_requires_gradient_sync(on) end
 M.memory_stats, M.reset_peak_memory = fsdp_module.memory_stats, fsdp_module.reset_peak_memory
 M.ddp = require "fsdp.parallel.ddp"
+M.mesh = require("fsdp.parallel.mesh").mesh
 
 return M
