@@ -109,14 +109,6 @@ static void reduce_ranks(void *restrict out, const void *restrict src, int64_t s
     }
 }
 
-/* Chunk r of n elements split N ways: rows [r*c, min(n, (r+1)*c)) with c = ceil(n/N). */
-static void chunk(int64_t n, int32_t N, int32_t r, int64_t *start, int64_t *len) {
-    int64_t c = (n + N - 1) / N;
-    int64_t s = fl_min64(n, (int64_t)r * c), e = fl_min64(n, (int64_t)(r + 1) * c);
-    *start = s;
-    *len = e - s;
-}
-
 /* Receives chunk `me` of every rank's `in` (chunk p of rank p's buffer at p*len(me)) and reduces in rank order. */
 int fl_reduce_chunks(fl_comm *c, const void *in, int64_t n, void *out, int32_t dtype, int32_t op,
                      bool equal_chunks) {
@@ -127,11 +119,11 @@ int fl_reduce_chunks(fl_comm *c, const void *in, int64_t n, void *out, int32_t d
     int *sd = sc + N, *rcnt = sc + 2 * N, *rd = sc + 3 * N;
     int64_t my_start, my_len;
     if (equal_chunks) { my_len = n / N; my_start = (int64_t)me * my_len; }
-    else chunk(n, N, me, &my_start, &my_len);
+    else fl_shard_rows(n, N, me, &my_start, &my_len);   /* the one shard geometry (dist/fsdp.c) */
     for (int32_t p = 0; p < N; p++) {
         int64_t s, l;
         if (equal_chunks) { l = n / N; s = (int64_t)p * l; }
-        else chunk(n, N, p, &s, &l);
+        else fl_shard_rows(n, N, p, &s, &l);
         sc[p] = (int)l;
         sd[p] = (int)s;
         rcnt[p] = (int)my_len;
