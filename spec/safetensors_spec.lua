@@ -132,10 +132,35 @@ describe("safetensors", function()
     assert.matches("run past the end of the data", err_of(st.header, p))
     os.remove(p)
     -- valid in the format, not in the engine: refused by name on load
-    p = raw_file('{"q":{"dtype":"I8","shape":[2],"data_offsets":[0,2]}}      ', 8)
+    p = raw_file('{"q":{"dtype":"I8","shape":[2],"data_offsets":[0,2]}}      ', 2)
     assert.equal(1, #st.header(p).names)
     assert.matches("tensor 'q' has dtype I8, which the engine does not support", err_of(st.load, p))
     os.remove(p)
     assert.matches("cannot open", err_of(st.header, "/nonexistent/x.safetensors"))
+  end)
+
+  it("rejects what the reference implementation rejects: holes, trailing bytes, duplicates, bad UTF-8, overflow", function()
+    local cases = {
+      {'{"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}', 8, "tensor 'a' begins at byte 4 of the data, leaving a hole after byte 0"},
+      {'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}', 8, "the tensors end at byte 4 of the data but the file holds 8 bytes"},
+      {'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}', 8,
+       "tensor 'a' appears twice in the header"},
+      {'{"\\u00e9":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"\\u00e9":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}', 4,
+       "appears twice"},
+      {'{"a\255":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}', 4, "not valid UTF%-8"},
+      {'{"a":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,4]}}', 4, "too large"},
+    }
+    for _, c in ipairs(cases) do
+      local p = raw_file(c[1], c[2])
+      local e = err_of(st.header, p)
+      assert.matches(c[3], e)
+      assert.matches(p, e, 1, true)   -- the file is named
+      os.remove(p)
+    end
+    -- empty tensors sit anywhere in the contiguous run; the order in the header does not matter
+    local p = raw_file('{"b":{"dtype":"F32","shape":[1],"data_offsets":[4,8]},"e":{"dtype":"F32","shape":[0],'
+                       .. '"data_offsets":[4,4]},"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}', 8)
+    assert.same({"a", "e", "b"}, st.header(p).names)
+    os.remove(p)
   end)
 end)

@@ -31,7 +31,92 @@ local function file_size(path)
   return n
 end
 
--- Parses and validates the header of `path`. Returns
+-- The top-level keys of a JSON object text, in order (decoded), or nil when the text is not an object: cjson keeps
+-- the last of duplicate keys silently, so duplicates are found here.
+local function top_level_keys(text)
+  local i, n, keys = 1, #text, {}
+  local function ws() i = text:find("[^ \t\r\n]", i) or n + 1 end
+  local function str()   -- at a '"': returns the literal, leaves i after it
+    local j = i + 1
+    while j <= n do
+      local c = text:sub(j, j)
+      if c == "\\" then j = j + 2 elseif c == '"' then break else j = j + 1 end
+    end
+    local lit = text:sub(i, j)
+    i = j + 1
+    return lit
+  end
+  local function value()   -- skips one value of any kind
+    ws()
+    local c = text:sub(i, i)
+    if c == '"' then str(); return end
+    if c == "{" or c == "[" then
+      local depth = 0
+      repeat
+        c = text:sub(i, i)
+        if c == '"' then str()
+        else
+          if c == "{" or c == "[" then depth = depth + 1 elseif c == "}" or c == "]" then depth = depth - 1 end
+          i = i + 1
+        end
+      until depth == 0 or i > n
+      return
+    end
+    i = (text:find("[,}%]]", i) or n + 1)
+  end
+  ws()
+  if text:sub(i, i) ~= "{" then return nil end
+  i = i + 1
+  ws()
+  if text:sub(i, i) == "}" then return keys end
+  while i <= n do
+    ws()
+    if text:sub(i, i) ~= '"' then return nil end
+    local ok, k = pcall(cjson.decode, str())
+    if not ok then return nil end
+    keys[#keys + 1] = k
+    ws()
+    if text:sub(i, i) ~= ":" then return nil end
+    i = i + 1
+    value()
+    ws()
+    local c = text:sub(i, i)
+    i = i + 1
+    if c == "}" then return keys end
+    if c ~= "," then return nil end
+  end
+  return nil
+end
+
+-- Valid UTF-8 (no overlong forms, surrogates or code points past U+10FFFF), as the format requires of the header.
+local function utf8_ok(s)
+  local i, n = 1, #s
+  while i <= n do
+    local c = s:byte(i)
+    local len, lo, min
+    if c < 0x80 then len = 1
+    elseif c >= 0xC2 and c <= 0xDF then len, lo, min = 2, c % 0x20, 0x80
+    elseif c >= 0xE0 and c <= 0xEF then len, lo, min = 3, c % 0x10, 0x800
+    elseif c >= 0xF0 and c <= 0xF4 then len, lo, min = 4, c % 0x08, 0x10000
+    else return false end
+    if len > 1 then
+      local cp = lo
+      for k = 1, len - 1 do
+        local b = s:byte(i + k)
+        if not b or b < 0x80 or b > 0xBF then return false end
+        cp = cp * 64 + (b - 0x80)
+      end
+      if cp < min or cp > 0x10FFFF or (cp >= 0xD800 and cp <= 0xDFFF) then return false end
+    end
+    i = i + len
+  end
+  return true
+end
+
+-- Parses and validates the header of `path` as strictly as the reference implementation: UTF-8 JSON object,
+-- no duplicate names, {dtype, shape, data_offsets} entries plus an optional string->string __metadata__, byte
+-- lengths equal to shape x dtype size, data contiguous from offset 0 with no holes or overlaps, ending exactly
+-- at the end of the file. Returns
 --   {tensors = {name = {dtype = "F32", shape = {..}, data_offsets = {b, e}, offset = absolute byte offset,
 --                       nbytes = e - b, numel = n}},
 --    names = {...} (sorted by data offset), metadata = {k = v} (strings), data_start = 8 + N, file_size = bytes}
@@ -42,12 +127,18 @@ function M.header(path)
   local hlen = tonumber(len_buf[0])
   local text = ffi.string(raw, hlen)
   C.fl_free(raw)
+  if not utf8_ok(text) then error(("safetensors: '%s': the header is not valid UTF-8"):format(path), 2) end
   local ok, doc = pcall(cjson.decode, text)
   if not ok then
     error(("safetensors: '%s' has a malformed JSON header (%d bytes): %s"):format(path, hlen, tostring(doc)), 2)
   end
   if type(doc) ~= "table" then
     error(("safetensors: '%s': the header is not a JSON object"):format(path), 2)
+  end
+  local seen = {}
+  for _, k in ipairs(top_level_keys(text) or {}) do
+    if seen[k] then error(("safetensors: '%s': tensor '%s' appears twice in the header"):format(path, k), 2) end
+    seen[k] = true
   end
   local fsize = file_size(path)
   local data_start = 8 + hlen
@@ -76,6 +167,7 @@ function M.header(path)
         numel = numel * shape[i]
       end
       if #shape > 8 then bad(name, "%d dimensions (the engine supports at most 8)", #shape) end
+      if numel * ST_SIZE[dt] >= 2 ^ 53 then bad(name, "shape [%s] is too large (byte length overflows)", table.concat(shape, ", ")) end
       if type(offs) ~= "table" or #offs ~= 2 or not is_int(offs[1]) or not is_int(offs[2]) or offs[2] < offs[1] then
         bad(name, "data_offsets must be two non-negative integers [begin, end] with begin <= end")
       end
@@ -101,17 +193,23 @@ function M.header(path)
     if oa[2] ~= ob[2] then return oa[2] < ob[2] end
     return a < b
   end)
-  -- Sorted by begin, the tensors overlap iff one begins before the previous one ends (empty tensors hold no bytes).
-  local prev
+  -- Sorted by offsets, the data is contiguous: each tensor begins where the previous one ended (empty tensors
+  -- included), the first at 0, and the last ends at the end of the file.
+  local at, prev = 0, nil
   for _, name in ipairs(hdr.names) do
     local o = t[name].data_offsets
-    if o[2] > o[1] then
-      if prev and o[1] < t[prev].data_offsets[2] then
-        error(("safetensors: '%s': tensors '%s' [%d, %d) and '%s' [%d, %d) overlap"):format(path, prev,
-              t[prev].data_offsets[1], t[prev].data_offsets[2], name, o[1], o[2]), 2)
-      end
-      prev = name
+    if o[1] < at then
+      error(("safetensors: '%s': tensors '%s' [%d, %d) and '%s' [%d, %d) overlap"):format(path, prev,
+            t[prev].data_offsets[1], t[prev].data_offsets[2], name, o[1], o[2]), 2)
+    elseif o[1] > at then
+      error(("safetensors: '%s': tensor '%s' begins at byte %d of the data, leaving a hole after byte %d"):format(
+            path, name, o[1], at), 2)
     end
+    at, prev = o[2], name
+  end
+  if at ~= data_len then
+    error(("safetensors: '%s': the tensors end at byte %d of the data but the file holds %d bytes of data"):format(
+          path, at, data_len), 2)
   end
   return hdr
 end
