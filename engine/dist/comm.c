@@ -163,11 +163,16 @@ int fl_dist_init(double timeout_s) {
     int rc = fl_mpi_init(&g, &rank, &size);
     if (rc < 0) return rc;
     world = comm_new("world", rank, size, timeout, g);
-    if (!world) return FL_ENOMEM;
+    if (!world) { fl_mpi_free(g); return FL_ENOMEM; }   /* comm_new set the message */
     for (int32_t i = 0; i < size; i++) world->granks[i] = i;
     world->world = true;
     rc = fl_queue_start(size);
-    if (rc < 0) return rc;
+    if (rc < 0) {   /* the world group does not outlive a failed init (MPI itself stays up) */
+        fl_mpi_free(g);
+        comm_free(world);
+        world = NULL;
+        return rc;
+    }
     initialized = true;
     return FL_OK;
 }

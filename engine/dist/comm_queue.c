@@ -183,8 +183,14 @@ int fl_queue_start(int32_t world_size) {
     pthread_cond_init(&done_cond, &ca);
     pthread_condattr_destroy(&ca);
     q_stop = false;
-    if (pthread_create(&comm_thread, NULL, comm_main, NULL) != 0)
-        return fl_fail(FL_ECOMM, "dist_init: cannot start the communication thread: %s", strerror(errno));
+    int err = pthread_create(&comm_thread, NULL, comm_main, NULL);   /* returns the error; errno is not set */
+    if (err != 0) {
+        pthread_cond_destroy(&q_cond);
+        pthread_cond_destroy(&done_cond);
+        free(departed_at);
+        departed_at = NULL;
+        return fl_fail(FL_ECOMM, "dist_init: cannot start the communication thread: %s", strerror(err));
+    }
     running = true;
     return FL_OK;
 }
