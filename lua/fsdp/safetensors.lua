@@ -225,6 +225,24 @@ end
 
 -- Reads tensor `name` (an entry of header(path)) into `t` (contiguous, allocated, same number of elements),
 -- converting the file's dtype to t's.
+-- Reads elements [elem_offset, elem_offset + t:numel()) of tensor `name` (in row-major order) into `t`,
+-- converting dtypes: a dim-0 shard is one such range, so each rank reads only its own rows.
+function M.read_range_into(path, hdr, name, t, elem_offset)
+  local e = hdr.tensors[name]
+  if not e then core.raise(("safetensors: '%s' has no tensor '%s'"):format(path, name)) end
+  local fl = engine_dtype(path, name, e.dtype)
+  local n = t:numel()
+  if elem_offset < 0 or elem_offset + n > e.numel then
+    core.raise(("safetensors: '%s': tensor '%s' has %d elements; elements [%d, %d) are out of range")
+               :format(path, name, e.numel, elem_offset, elem_offset + n))
+  end
+  if n == 0 then return t end
+  local rc = C.fl_st_read_into(path, e.offset + elem_offset * ST_SIZE[e.dtype], core.dtypes[fl],
+                               Tensor.ptr(t, "safetensors.read_range_into", 4))
+  if rc < 0 then core.raise(("safetensors: tensor '%s': %s"):format(name, core.last_error())) end
+  return t
+end
+
 function M.read_into(path, hdr, name, t)
   local e = hdr.tensors[name]
   if not e then error(("safetensors: '%s' has no tensor '%s'"):format(path, name), 2) end

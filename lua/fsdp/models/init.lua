@@ -4,6 +4,7 @@
 local cjson  = require "cjson"
 local core   = require "fsdp.core"
 local st     = require "fsdp.safetensors"
+local Tensor = require "fsdp.tensor"
 
 local C = core.C
 local M = {}
@@ -187,13 +188,16 @@ function M.checkpoint_index(dir)
   return out
 end
 
-local FP_OPTS = {dtype = true}
+local FP_OPTS = {dtype = true, fsdp_plan = true, mesh = true}
 
--- from_pretrained(dir, {dtype = "f32"}): one process reads config.json and every parameter (converted to dtype).
--- GPT-2 files without the "transformer." prefix load too; a tied model ignores a file's lm_head.weight, an untied
--- one requires it.
+-- from_pretrained(dir, {dtype =, fsdp_plan =, mesh =}): config.json -> the model on meta -> (with fsdp_plan) the
+-- plan applied over mesh -> every parameter read from the checkpoint (single file or indexed). Sharded, each
+-- rank reads only its own rows of each tensor (a dim-0 shard is one contiguous byte range) into its f32 shards;
+-- no rank holds a full tensor. Missing, unexpected and mis-shaped tensors are reported together, before anything
+-- is read. Sharded loading is collective over the mesh: every rank must call it.
 function M.from_pretrained(dir, opts)
   opts = core.check_opts("from_pretrained", opts, FP_OPTS, 2)
+  if opts.mesh ~= nil and opts.fsdp_plan == nil then core.raise("from_pretrained: mesh needs fsdp_plan") end
   local raw = read_json(dir .. "/config.json", "from_pretrained")
   if type(raw.model_type) ~= "string" then
     error(("from_pretrained: '%s/config.json' has no model_type"):format(dir), 2)
@@ -202,7 +206,7 @@ function M.from_pretrained(dir, opts)
   local model = M.build(cfg, {device = "meta", dtype = opts.dtype or "f32"})
   local spec = model.model_spec
   local index = M.checkpoint_index(dir)
-  local used, missing = {}, {}
+  local used, missing, mismatched, plan = {}, {}, {}, {}
   for _, e in ipairs(model:parameter_list()) do
     local name, t = e[1], e[2]
     local key = name
@@ -216,17 +220,12 @@ function M.from_pretrained(dir, opts)
       local te = src.hdr.tensors[key]
       local shape = t:shape()
       if #shape ~= #te.shape or table.concat(shape, ",") ~= table.concat(te.shape, ",") then
-        error(("from_pretrained: '%s' has shape [%s] in %s, the model expects %s"):format(key,
-              table.concat(te.shape, ", "), src.file, t:shape_str()), 2)
+        mismatched[#mismatched + 1] = ("'%s' has shape [%s] in %s, the model expects %s"):format(key,
+          table.concat(te.shape, ", "), src.file, t:shape_str())
       end
-      core.check(C.fl_tensor_storage_alloc(t._p), "from_pretrained " .. name, 2)
-      C.fl_tensor_set_category(t._p, core.mem_categories.param)
-      st.read_into(src.file, src.hdr, key, t)
       used[key] = true
+      plan[#plan + 1] = {name = name, key = key, src = src, full = t}
     end
-  end
-  if #missing > 0 then
-    error(("from_pretrained: '%s' lacks %d parameter(s): %s"):format(dir, #missing, table.concat(missing, ", ")), 2)
   end
   local unexpected = {}
   for name in pairs(index) do
@@ -234,10 +233,30 @@ function M.from_pretrained(dir, opts)
       unexpected[#unexpected + 1] = name
     end
   end
-  if #unexpected > 0 then
-    table.sort(unexpected)
-    error(("from_pretrained: '%s' holds tensors the %s model does not have: %s"):format(dir, cfg.model_type,
-          table.concat(unexpected, ", ")), 2)
+  table.sort(unexpected)
+  if #missing + #unexpected + #mismatched > 0 then
+    local parts = {}
+    if #missing > 0 then parts[#parts + 1] = ("lacks %d parameter(s): %s"):format(#missing, table.concat(missing, ", ")) end
+    if #unexpected > 0 then
+      parts[#parts + 1] = ("holds tensors the %s model does not have: %s"):format(cfg.model_type, table.concat(unexpected, ", "))
+    end
+    if #mismatched > 0 then parts[#parts + 1] = "has mismatched shapes: " .. table.concat(mismatched, "; ") end
+    core.raise(("from_pretrained: '%s' %s"):format(dir, table.concat(parts, "; and ")))
+  end
+  if opts.fsdp_plan ~= nil then
+    -- shard on meta without initialising (every shard is read next), then read each rank's rows
+    require("fsdp.parallel").apply_plan(model, opts.fsdp_plan, {mesh = opts.mesh, init = false})
+    for _, p in ipairs(plan) do
+      local shard = Tensor.local_of(p.full)
+      local info = Tensor.shard_info(shard)
+      st.read_range_into(p.src.file, p.src.hdr, p.key, shard, info and info.offset or 0)
+    end
+    return model
+  end
+  for _, p in ipairs(plan) do
+    core.check(C.fl_tensor_storage_alloc(p.full._p), "from_pretrained " .. p.name, 2)
+    C.fl_tensor_set_category(p.full._p, core.mem_categories.param)
+    st.read_into(p.src.file, p.src.hdr, p.key, p.full)
   end
   return model
 end

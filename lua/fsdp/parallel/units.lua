@@ -79,7 +79,7 @@ local function make_unit(group, spec, params, mods, opts)
     local row0 = tonumber(C.fl_fsdp_unit_shard_row0(up, i - 1))
     local offset = row0 * (full:numel() / math.max(full:dim() > 0 and full:size(1) or 1, 1))
     local info = {group = shard_comm, offset = offset, numel = full:numel()}
-    if e.on_meta then   -- this rank's rows of the full initialisation
+    if e.on_meta and opts.init ~= false then   -- this rank's rows of the full initialisation
       if e.deferred_init then
         info.pending_init = true
         u.uninitialized = true
@@ -127,7 +127,8 @@ local function modules_by_name(model)
   return t
 end
 
-local APPLY_OPTS = {mesh = true, seed = true, mixed_precision = true, cpu_offload = true, reshard_after_forward = true}
+local APPLY_OPTS = {mesh = true, seed = true, mixed_precision = true, cpu_offload = true, reshard_after_forward = true,
+                    init = true}
 
 -- Every rank must shard the same units the same way, or the units' collectives would pair different tensors:
 -- all-gathers (count, elements, a hash of names and shapes) over the shard group and names the first rank
@@ -159,9 +160,10 @@ local function check_same_units(units, params, mesh)
   end
 end
 
--- apply_plan(model, plan, {mesh=, seed=, mixed_precision=, cpu_offload=, reshard_after_forward=}): plan is
--- "auto", "declared", {mode="manual", modules={...}}, a function plan, ... (see fsdp.plan); the last three
--- options apply to every unit the plan does not configure itself. Units are made bottom-up, the root last.
+-- apply_plan(model, plan, {mesh=, seed=, mixed_precision=, cpu_offload=, reshard_after_forward=, init=}): plan is
+-- "auto", "declared", {mode="manual", modules={...}}, a function plan, ... (see fsdp.plan); mixed_precision,
+-- cpu_offload and reshard_after_forward apply to every unit the plan does not configure itself. init = false
+-- leaves the shards of meta parameters unfilled, for a caller that loads them (from_pretrained). Units are made bottom-up, the root last.
 -- Atomic: the plan, the options, the model's modules and parameters and the ranks' agreement are all checked
 -- before the first unit is made, so an error leaves the model exactly as it was and a retry works.
 function M.apply_plan(model, plan, opts)
