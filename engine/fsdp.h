@@ -276,6 +276,7 @@ int fl_st_read_into(const char *path, int64_t offset, int32_t file_dtype, fl_ten
 /* Writes t's bytes (converted to file_dtype) at byte `offset` of an open-for-writing file (created if missing). */
 int fl_st_write_at(const char *path, int64_t offset, int32_t file_dtype, const fl_tensor *t);
 int fl_file_write_at(const char *path, int64_t offset, const void *data, int64_t nbytes);
+int fl_file_sync(const char *path);   /* fsync: the bytes written so far are on disk before a rename publishes them */
 void fl_free(void *p);
 
 /* ---- communication (dist/comm.c: groups, checks, world-size-1 copies; dist/comm_queue.c: the communication

@@ -202,3 +202,11 @@ int fl_file_write_at(const char *path, int64_t offset, const void *data, int64_t
         rc = fl_fail(FL_EIO, "file: closing '%s' after writing failed: %s", path, strerror(errno));
     return rc;
 }
+
+int fl_file_sync(const char *path) {
+    int fd = open(path, O_WRONLY | O_CLOEXEC);
+    if (fd < 0) return fl_fail(FL_EIO, "cannot open '%s' to sync it: %s", path, strerror(errno));
+    int rc = fsync(fd) == 0 ? FL_OK : fl_fail(FL_EIO, "cannot sync '%s': %s", path, strerror(errno));
+    close(fd);
+    return rc;
+}

@@ -22,7 +22,7 @@ end
 describe("a sharded model", function()
   local res, ranks = run("save")
 
-  it("save_pretrained gathers the shards: the file holds the full weights, bit for bit", function()
+  it("save_pretrained writes every rank's rows in place: the file holds the full weights, bit for bit", function()
     local saved = fsdp.safetensors.load(res.dir .. "/ckpt/model.safetensors")
     local full = fsdp.safetensors.load(res.dir .. "/full.safetensors")
     local n = 0

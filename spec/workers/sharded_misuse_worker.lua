@@ -1,7 +1,7 @@
 -- spec/workers/sharded_misuse_worker.lua: what a user may get wrong with a sharded model on real ranks; each case
 -- writes what it saw (spec/dist/sharded_misuse_spec.lua compares).
 -- Usage: fsdp-lua -n N sharded_misuse_worker.lua DIR CASE
---   save      apply_plan auto, one AdamW step, save_pretrained(DIR/ckpt); rank 0 also writes the gathered weights
+--   save      apply_plan auto, one AdamW step, save_pretrained(DIR/ckpt) (each rank writes its rows); rank 0 also writes the gathered weights
 --             to DIR/full.safetensors; every rank then tries safetensors.save of its shards under the full names
 --   mismatch  rank 1 resolves another plan than the others: apply_plan must fail on every rank, naming rank 1,
 --             and leave the model as it was; then every rank retries with the same plan, and trains a step

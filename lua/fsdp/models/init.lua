@@ -316,8 +316,9 @@ end
 
 -- save_pretrained(model, dir): config.json (model_type, architectures, dtype) and model.safetensors with every
 -- parameter once under its HF name: a tied head is not written (the embedding key holds it). Each file is written
--- to a .tmp name and renamed into place. A sharded model (fsdp.apply_plan / fully_shard) is gathered unit by unit
--- (its f32 master weights) and rank 0 writes; every rank must call it, and all return once the files are in place.
+-- to a temporary name and renamed into place. A sharded model (fsdp.apply_plan / fully_shard) is not gathered:
+-- every rank writes its f32 master rows into the one file (see below); every rank must call it, and all return
+-- once the files are in place.
 function M.save_pretrained(model, dir)
   local spec, cfg = model.model_spec, model.config
   if not spec or not cfg then error("save_pretrained: the model was not built by fsdp.models", 2) end
@@ -331,10 +332,38 @@ function M.save_pretrained(model, dir)
   end
   local tensors, dtype = {}, nil
   if sharded then
-    local full = model:full_state_dict({rank0_only = true})   -- collective; empty off rank 0
-    for name in model:named_parameters() do
-      tensors[name] = full[name]
-      dtype = "f32"
+    dtype = "f32"   -- the f32 master shards
+    local names = {}
+    for name, shard in model:named_parameters() do names[#names + 1] = name; tensors[name] = shard end
+    local full_of = {}
+    for _, e in ipairs(model:full_parameter_list()) do full_of[e[1]] = e[2] end
+    -- Every rank computes the same layout from the full shapes; each writes its own rows straight into the file
+    -- at their byte offsets (a dim-0 shard is one contiguous range): no rank holds a full tensor. The temporary
+    -- name is rank 0's, which every rank learns; it is renamed into place after all ranks finished and synced.
+    local specs = {}
+    for _, name in ipairs(names) do
+      specs[#specs + 1] = {name = name, dtype = "f32", shape = full_of[name]:shape()}
+    end
+    local layout, text, data_start = st.plan(specs, {format = "pt"})
+    local final = dir .. "/model.safetensors"
+    local pid = Tensor.new({writer and tonumber(require("ffi").C.getpid()) or 0}, {dtype = "i64"})
+    dist.broadcast(pid, 0)
+    local tmp = ("%s.tmp.%d"):format(final, pid:get(0))
+    if writer then st.write_header(tmp, text) end
+    dist.barrier()   -- the file exists before anyone writes into it
+    for _, l in ipairs(layout) do
+      local shard = tensors[l.name]
+      local info = Tensor.shard_info(shard)
+      if shard:numel() > 0 then
+        local rc = C.fl_st_write_at(tmp, data_start + l.b + (info and info.offset or 0) * 4, core.dtypes.f32, shard._p)
+        if rc < 0 then core.raise(("save_pretrained: tensor '%s': %s"):format(l.name, core.last_error())) end
+      end
+    end
+    core.check(C.fl_file_sync(tmp), "save_pretrained")
+    dist.barrier()   -- every rank's rows are written and on disk
+    if writer then
+      local ok, err = os.rename(tmp, final)
+      if not ok then core.raise(("save_pretrained: cannot rename '%s' to '%s': %s"):format(tmp, final, tostring(err))) end
     end
   else
     for name, t in model:named_parameters() do
@@ -343,7 +372,7 @@ function M.save_pretrained(model, dir)
     end
   end
   if not writer then
-    dist.barrier()   -- rank 0 writes; the others return when the files are in place
+    dist.barrier()   -- rank 0 writes config.json; the others return when the files are in place
     return
   end
   local out = {}
@@ -354,8 +383,11 @@ function M.save_pretrained(model, dir)
   local fk = {}
   for k in pairs(spec.float_keys or {}) do fk[k] = true end
   write_atomic(dir .. "/config.json", encode(out, "", fk, nil) .. "\n")
-  st.save(dir .. "/model.safetensors", tensors, {format = "pt"})
-  if sharded then dist.barrier() end
+  if sharded then
+    dist.barrier()
+  else
+    st.save(dir .. "/model.safetensors", tensors, {format = "pt"})
+  end
 end
 
 return M
