@@ -45,6 +45,16 @@ static void add_shifted(uint64_t *acc, u128 v, int64_t shift) {
     }
 }
 
+/* a += b over the limbs (the flag words are the callers'). */
+static void add_limbs(uint64_t *a, const uint64_t *b) {
+    uint64_t carry = 0;
+    for (int i = 0; i < FL_EXACT_SUM_LIMBS; i++) {
+        u128 s = (u128)a[i] + b[i] + carry;
+        a[i] = (uint64_t)s;
+        carry = (uint64_t)(s >> 64);
+    }
+}
+
 static int check_acc(const char *op, const fl_tensor *acc) {
     if (!acc) return fl_fail(FL_EINVAL, "%s: accumulator is NULL", op);
     if (acc->dtype != FL_I64 || fl_tensor_numel(acc) != FL_EXACT_SUM_SIZE || !fl_tensor_is_contiguous(acc))
@@ -100,14 +110,7 @@ static void add_f32_squares(uint64_t *acc, const void *p, int32_t dt, int64_t n)
         uint64_t local[FL_EXACT_SUM_LIMBS] = {0};
         for (int b = 1; b < 255; b++) add_shifted(local, total[b], F32_SHIFT0 + 2 * (int64_t)b);
         #pragma omp critical(fl_exact_sum)
-        {   /* integer addition: the order the threads arrive in does not matter */
-            uint64_t carry = 0;
-            for (int i = 0; i < FL_EXACT_SUM_LIMBS; i++) {
-                u128 s = (u128)acc[i] + local[i] + carry;
-                acc[i] = (uint64_t)s;
-                carry = (uint64_t)(s >> 64);
-            }
-        }
+        add_limbs(acc, local);   /* integer addition: the order the threads arrive in does not matter */
     }
     acc[FLAGS] |= flags;
 }
@@ -145,12 +148,7 @@ int fl_exact_sum_merge(fl_tensor *acc, const fl_tensor *other) {
     if (check_acc("exact_sum_merge", acc) < 0 || check_acc("exact_sum_merge", other) < 0) return FL_EINVAL;
     uint64_t *a = fl_tensor_data(acc);
     const uint64_t *b = fl_tensor_data(other);
-    uint64_t carry = 0;
-    for (int i = 0; i < FL_EXACT_SUM_LIMBS; i++) {
-        u128 s = (u128)a[i] + b[i] + carry;
-        a[i] = (uint64_t)s;
-        carry = (uint64_t)(s >> 64);
-    }
+    add_limbs(a, b);
     a[FLAGS] |= b[FLAGS];
     return FL_OK;
 }

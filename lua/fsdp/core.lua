@@ -31,7 +31,9 @@ function M.last_error() return ffi.string(C.fl_last_error()) end
 ffi.cdef "int getpid(void);"
 -- A temporary name beside `path`, unique to this process: ranks that write the same file at once (DDP replicas
 -- saving) each write their own and rename it into place, and no reader ever sees a half-written file.
-function M.tmp_name(path) return ("%s.tmp.%d"):format(path, ffi.C.getpid()) end
+-- This process's id; tmp_name takes another's when ranks write one file together (rank 0's).
+function M.pid() return tonumber(ffi.C.getpid()) end
+function M.tmp_name(path, pid) return ("%s.tmp.%d"):format(path, pid or M.pid()) end
 
 -- The library's own directory: errors raised with M.raise point at the first caller outside it.
 local LIB_PREFIX = debug.getinfo(1, "S").source:match("^(@.*/)fsdp/core%.lua$") or "@lua/"

@@ -346,9 +346,9 @@ function M.save_pretrained(model, dir)
     end
     local layout, text, data_start = st.plan(specs, {format = "pt"})
     local final = dir .. "/model.safetensors"
-    local pid = Tensor.new({writer and tonumber(require("ffi").C.getpid()) or 0}, {dtype = "i64"})
+    local pid = Tensor.new({writer and core.pid() or 0}, {dtype = "i64"})
     dist.broadcast(pid, 0)
-    local tmp = ("%s.tmp.%d"):format(final, pid:get(0))
+    local tmp = core.tmp_name(final, pid:get(0))
     if writer then st.write_header(tmp, text) end
     dist.barrier()   -- the file exists before anyone writes into it
     for _, l in ipairs(layout) do
