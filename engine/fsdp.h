@@ -276,7 +276,23 @@ int fl_st_read_into(const char *path, int64_t offset, int32_t file_dtype, fl_ten
 /* Writes t's bytes (converted to file_dtype) at byte `offset` of an open-for-writing file (created if missing). */
 int fl_st_write_at(const char *path, int64_t offset, int32_t file_dtype, const fl_tensor *t);
 int fl_file_write_at(const char *path, int64_t offset, const void *data, int64_t nbytes);
+/* Bytes read from safetensors files by this process since the start (or the last reset): headers and data. */
+int64_t fl_st_bytes_read(void);
+void fl_st_reset_bytes_read(void);
+
+/* ---- files and directories (io/files.c): what publishing a checkpoint atomically needs ---- */
 int fl_file_sync(const char *path);   /* fsync: the bytes written so far are on disk before a rename publishes them */
+int fl_dir_sync(const char *path);    /* fsync of a directory: the renames inside it are on disk */
+int fl_mkdir_p(const char *path);     /* mkdir -p (mode 0755); an existing directory is fine */
+/* Swaps two existing paths atomically (renameat2 RENAME_EXCHANGE): a reader sees the old or the new, never
+ * neither. Returns FL_EINVAL when the filesystem cannot exchange (the caller falls back to two renames). */
+int fl_path_exchange(const char *a, const char *b);
+int fl_remove_tree(const char *path); /* rm -rf, not following symbolic links; a missing path is fine */
+/* 1 when path is a directory, 0 when it does not exist, an error when it is something else. */
+int fl_is_dir(const char *path);
+int fl_link(const char *from, const char *to);   /* a hard link: carries a file into a new directory, no copy */
+/* The names in a directory (not . and ..), each followed by '\n'; malloc'd (fl_free) or NULL. */
+char *fl_dir_list(const char *path);
 void fl_free(void *p);
 
 /* ---- communication (dist/comm.c: groups, checks, world-size-1 copies; dist/comm_queue.c: the communication

@@ -15,6 +15,13 @@ enum { ST_MAX_HEADER = 100 * 1000 * 1000 };
  * into f32 does not need another 10 GB. */
 enum { ST_CHUNK = 16 * 1024 * 1024 };
 
+/* Bytes this process has read from safetensors files (headers and data): a sharded load is proven to read only
+ * its own rows by this count. Atomic: loads may run from several threads. */
+static _Atomic int64_t bytes_read;
+
+int64_t fl_st_bytes_read(void) { return bytes_read; }
+void fl_st_reset_bytes_read(void) { bytes_read = 0; }
+
 /* Reads exactly n bytes at `off`; a short read means the file is truncated. */
 static int pread_all(int fd, void *buf, size_t n, int64_t off, const char *path) {
     uint8_t *p = buf;
@@ -30,6 +37,7 @@ static int pread_all(int fd, void *buf, size_t n, int64_t off, const char *path)
             return fl_fail(FL_EIO, "safetensors: '%s' is truncated: wanted %zu bytes at offset %" PRId64
                            ", the file ends after %zu", path, n, off, done);
         done += (size_t)r;
+        bytes_read += r;
     }
     return FL_OK;
 }
@@ -203,10 +211,3 @@ int fl_file_write_at(const char *path, int64_t offset, const void *data, int64_t
     return rc;
 }
 
-int fl_file_sync(const char *path) {
-    int fd = open(path, O_WRONLY | O_CLOEXEC);
-    if (fd < 0) return fl_fail(FL_EIO, "cannot open '%s' to sync it: %s", path, strerror(errno));
-    int rc = fsync(fd) == 0 ? FL_OK : fl_fail(FL_EIO, "cannot sync '%s': %s", path, strerror(errno));
-    close(fd);
-    return rc;
-}

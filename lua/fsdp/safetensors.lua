@@ -319,7 +319,7 @@ end
 
 -- Plans the layout of a file: tensors ordered by element size (largest first) then name, as the reference
 -- writer does. `specs` is a list of {name =, dtype = engine dtype name, shape =}. Returns the layout, the header
--- text and the data start; the bytes of tensor i go at data_start + layout[i].b.
+-- text and the data start; the bytes of tensor i go at data_start + layout[i].b (layout[i].spec is its spec).
 function M.plan(specs, metadata)
   local order = {}
   for i = 1, #specs do order[i] = specs[i] end
@@ -337,7 +337,7 @@ function M.plan(specs, metadata)
     local numel = 1
     for _, d in ipairs(s.shape) do numel = numel * d end
     local n = numel * ST_SIZE[st]
-    layout[i] = {name = s.name, st = st, dtype = s.dtype, shape = s.shape, b = off, e = off + n}
+    layout[i] = {name = s.name, st = st, dtype = s.dtype, shape = s.shape, b = off, e = off + n, spec = s}
     off = off + n
   end
   local text = header_text(layout, metadata)
