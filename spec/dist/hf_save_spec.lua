@@ -43,7 +43,7 @@ local function bf16_bits(x)
 end
 
 describe("save_pretrained on N ranks", function()
-  for _, case in ipairs {{"fsdp", 2}, {"fsdp", 3}, {"manual", 3}, {"ddp", 3}, {"hsdp", 4}} do
+  for _, case in ipairs {{"fsdp", 2}, {"fsdp", 3}, {"manual", 3}, {"mp", 2}, {"ddp", 3}, {"hsdp", 4}} do
     local mode, n = case[1], case[2]
     it(("%s at %d ranks writes one process's bytes (single, indexed, bf16) and reads back only its rows"):format(mode, n), function()
       local res = D.run(n, WORKER, {mode}, {timeout = 90})
@@ -188,4 +188,29 @@ describe("a save killed midway", function()
       for name, p in m:named_parameters() do bits_equal(p, before[name], name) end
     end)
   end
+end)
+
+describe("a save that fails on one rank", function()
+  it("raises on every rank (naming the rank), removes its staging directory and leaves the old checkpoint", function()
+    local res = D.run(3, WORKER, {"fsdp", "2:1:error"}, {timeout = 60})
+    assert(res.code == 0 and not res.timed_out, res.output)
+    for _, r in ipairs(D.results(res)) do
+      assert.is_false(r.ok)
+      if r.rank == 1 then assert.matches("disk on fire", r.err)
+      else assert.matches("save_pretrained: rank 1 failed .*'.*/single' is unchanged", r.err) end
+    end
+    assert.same({"before.safetensors", "single"}, (function()
+      local out = {}
+      for _, f in ipairs(listing(res.dir)) do if not f:match("^%.") and not f:match("^rank") then out[#out + 1] = f end end
+      return out
+    end)())
+    assert.same({}, (function()   -- no staging directory beside it
+      local out = {}
+      for _, f in ipairs(listing(res.dir)) do if f:match("^%.single%.tmp") then out[#out + 1] = f end end
+      return out
+    end)())
+    local before = fsdp.safetensors.load(res.dir .. "/before.safetensors")
+    local m = fsdp.models.from_pretrained(res.dir .. "/single")
+    for name, p in m:named_parameters() do bits_equal(p, before[name], name) end
+  end)
 end)

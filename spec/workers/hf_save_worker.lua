@@ -1,13 +1,15 @@
 -- spec/workers/hf_save_worker.lua: save_pretrained of a trained model on N ranks, every way a job holds it, and the
 -- sharded load back; spec/dist/hf_save_spec.lua compares the files with one process's save of the same weights.
 -- Usage: fsdp-lua -n N hf_save_worker.lua DIR MODE [KILL]
---   MODE   fsdp (auto plan) | manual (one unit per block and per MLP) | ddp | hsdp (mesh 2 x 2, 4 ranks)
+--   MODE   fsdp (auto plan) | manual (one unit per block and per MLP) | mp (auto, bf16 params: the f32 masters are
+--          saved) | ddp | hsdp (mesh 2 x 2, 4 ranks)
 --   After one AdamW step (every rank on its own batch), it saves DIR/single (defaults), DIR/indexed
 --   (max_shard_size "20KB") and DIR/bf16 (dtype "bf16", "20KB"); rank 0 writes the weights it saved to
 --   DIR/full.safetensors; then every rank loads DIR/indexed sharded (auto plan) and reports the bytes it read and
 --   the bytes its shards and the headers hold; rank 0 writes the reloaded weights to DIR/reloaded.safetensors.
 --   KILL = PHASE:RANK: after saving DIR/single, it trains another step and saves DIR/single again, and RANK kills
 --   itself (SIGKILL) right after its part of publish phase PHASE (1: rank 0 wrote the headers; 2: the rows).
+--   KILL = PHASE:RANK:error: RANK raises an error there instead; every rank reports what save_pretrained raised.
 local fsdp    = require "fsdp"
 local D       = require "dist"
 local core    = require "fsdp.core"
@@ -26,7 +28,8 @@ else
   local plan = mode == "manual" and {mode = "manual", modules = {["transformer.h.*"] = "free_full_weight",
                                                                  ["transformer.h.*.mlp"] = "free_full_weight"}} or "auto"
   local mesh = mode == "hsdp" and fsdp.mesh{dp_replicate = 2, dp_shard = 2} or nil
-  fsdp.apply_plan(model, plan, {seed = 5, mesh = mesh})
+  local mp = mode == "mp" and {param_dtype = "bf16", reduce_dtype = "f32"} or nil
+  fsdp.apply_plan(model, plan, {seed = 5, mesh = mesh, mixed_precision = mp})
 end
 local opt = fsdp.optim.AdamW(model:parameters(), {lr = 1e-2})
 local function train_step()
@@ -44,7 +47,7 @@ local function weights()
 end
 
 if kill then
-  local phase, victim = kill:match("^(%d):(%d)$")
+  local phase, victim, how = kill:match("^(%d):(%d):?(%a*)$")
   phase, victim = tonumber(phase), tonumber(victim)
   fsdp.models.save_pretrained(model, dir .. "/single")
   local before = weights()
@@ -56,7 +59,9 @@ if kill then
     for i, ph in ipairs(phases) do
       wrapped[i] = function(stage)
         local r = ph(stage)
-        if i == phase and rank == victim then
+        if i == phase and rank == victim and how == "error" then
+          error("disk on fire (injected)")
+        elseif i == phase and rank == victim then
           io.stderr:write(("rank %d: killing myself after phase %d\n"):format(rank, i))
           os.execute("kill -9 " .. core.pid())
         end
@@ -65,8 +70,10 @@ if kill then
     end
     return real(d, opts, wrapped)
   end
-  fsdp.models.save_pretrained(model, dir .. "/single")
-  error("unreachable: the save should have been killed")
+  local ok, err = pcall(fsdp.models.save_pretrained, model, dir .. "/single")
+  if how ~= "error" then error("unreachable: the save should have been killed") end
+  D.write(dir, rank, {rank = rank, ok = ok, err = tostring(err)})
+  return
 end
 
 fsdp.models.save_pretrained(model, dir .. "/single")
