@@ -11,7 +11,9 @@
     (f32 in one file; and, where save_pretrained accepts them, {max_shard_size = "20KB"} and {dtype = "bf16"}),
     loads it back and records its logits. transformers must load each directory with
     AutoModelForCausalLM.from_pretrained(dir, output_loading_info=True) with no missing, unexpected or mismatched
-    keys, and give the same logits. A variant save_pretrained does not support yet is reported, never counted.
+    keys, and give the same logits; a bf16 save of an f32 checkpoint must hold the bytes of transformers' own bf16
+    checkpoint (torch rounds to nearest even). A variant save_pretrained does not support yet is reported, never
+    counted.
 
 Every check prints `ok` or `FAIL` with what differed; the last line is `N passed, N failed`, and the exit status is
 1 when anything failed. Needs the build (make all) and the reference venv (setup_venv.sh).
@@ -89,6 +91,18 @@ def same_tree(a, b):
     return diff
 
 
+def bf16_mismatches(ours, theirs):
+    """Tensor names whose dtype or bits differ between the single-file checkpoints in two directories."""
+    a = load_file(os.path.join(ours, "model.safetensors"))
+    b = load_file(os.path.join(theirs, "model.safetensors"))
+    bad = sorted(set(a) ^ set(b))
+    for k in sorted(set(a) & set(b)):
+        if a[k].dtype != torch.bfloat16 or b[k].dtype != torch.bfloat16 or a[k].shape != b[k].shape \
+                or not torch.equal(a[k].view(torch.int16), b[k].view(torch.int16)):
+            bad.append(k)
+    return bad
+
+
 def run_worker(n, out, ckpts):
     os.makedirs(out)
     env = dict(os.environ)
@@ -148,6 +162,7 @@ def main():
         with open(os.path.join(hf, "meta.json")) as f:
             meta = json.load(f)
         names = [c["name"] for c in meta["checkpoints"]]
+        by_name = {c["name"]: c for c in meta["checkpoints"]}
         expected = {name: load_file(os.path.join(hf, name, "expected.safetensors")) for name in names}
         ckpts = [os.path.join(hf, name) for name in names]
 
@@ -209,6 +224,13 @@ def main():
                             r0 = load_file(f"{base}.r0.safetensors")["logits"]
                             t.check(torch.equal(ours, r0), f"(b) {what}, save f32: reload gives the loaded model's logits",
                                     f"relative error {rel_err(ours, r0):.3g}")
+                        if v == "bf16" and by_name[name]["dtype"] == "f32":
+                            # from the same f32 weights, fsdp-lua's bf16 must be torch's (round to nearest even)
+                            c = by_name[name]
+                            twin = os.path.join(hf, f"{c['model_type']}_{'tied' if c['tied'] else 'untied'}_bf16_single")
+                            bad = bf16_mismatches(d, twin)
+                            t.check(not bad, f"(b) {what}, save bf16: the bytes of transformers' bf16 checkpoint",
+                                    f"differ from {twin}: {', '.join(bad[:6])}")
     finally:
         if args.keep:
             print(f"check_interop: kept {tmp}")
