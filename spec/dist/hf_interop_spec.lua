@@ -24,23 +24,30 @@ local meta = json_of(ROOT .. "/meta.json")
 local dirs = {}
 for i, c in ipairs(meta.checkpoints) do dirs[i] = ROOT .. "/" .. c.name end
 
--- One launch per world size, made by the first test that needs it; every later test reads its files.
+-- One launch per world size, made by the first test that needs it; every later test reads its files. A failed
+-- launch is remembered too: each test that needs it fails with its output, and it is not started again.
 local runs = {}
 local function run_at(n)
   if not runs[n] then
     local args = {"spec"}
     for _, d in ipairs(dirs) do args[#args + 1] = d end
     local res = D.run(n, WORKER, args, {timeout = 120})
-    assert(res.code == 0 and not res.timed_out, ("worker at %d rank(s) failed (exit %d):\n%s"):format(n, res.code, res.output))
-    local ranks = D.results(res, n)
-    local cases = {}   -- cases[rank + 1][name .. "." .. plan]
-    for r, rep in ipairs(ranks) do
-      assert.equal(n, rep.world)
-      cases[r] = {}
-      for _, c in ipairs(rep.cases) do cases[r][c.name .. "." .. c.plan] = c end
+    local run = {res = res, dir = res.dir, cases = {}}   -- cases[rank + 1][name .. "." .. plan]
+    runs[n] = run
+    if res.code ~= 0 or res.timed_out then
+      run.err = ("worker at %d rank(s) failed (exit %d%s):\n%s"):format(n, res.code,
+                 res.timed_out and ", timed out" or "", res.output)
+    else
+      local ok, ranks = pcall(D.results, res, n)
+      if not ok then run.err = tostring(ranks) end
+      for r, rep in ipairs(ok and ranks or {}) do
+        if rep.world ~= n then run.err = ("rank %d reports world size %s, expected %d"):format(r - 1, tostring(rep.world), n) end
+        run.cases[r] = {}
+        for _, c in ipairs(rep.cases) do run.cases[r][c.name .. "." .. c.plan] = c end
+      end
     end
-    runs[n] = {res = res, dir = res.dir, cases = cases}
   end
+  if runs[n].err then error(runs[n].err, 2) end
   return runs[n]
 end
 
