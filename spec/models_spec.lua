@@ -6,7 +6,9 @@ local models = require "fsdp.models"
 local cjson = require "cjson"
 
 local FIXTURES = {"gpt2_tied", "gpt2_untied", "llama_untied", "llama_tied", "mistral_untied", "mistral_tied",
-                  "qwen2_untied", "qwen2_tied", "qwen3_untied", "qwen3_tied", "phi3_untied", "phi3_tied"}
+                  "qwen2_untied", "qwen2_tied", "qwen3_untied", "qwen3_tied", "phi3_untied", "phi3_tied",
+                  "mixtral_untied", "mixtral_tied", "qwen2_moe_untied", "qwen2_moe_tied", "qwen3_moe_untied",
+                  "qwen3_moe_tied"}
 
 local function err_of(fn, ...)
   local ok, err = pcall(fn, ...)
@@ -64,6 +66,11 @@ for _, name in ipairs(FIXTURES) do
       -- blocked matmul and reductions (measured ~3e-7)
       assert.is_true(rel_err(out.logits, ex.logits) < 1e-5, "logits " .. rel_err(out.logits, ex.logits))
       assert.is_true(math.abs(out.loss:item() - ex.loss:item()) <= 1e-5 * math.abs(ex.loss:item()), "loss")
+      if ex.aux_loss then   -- MoE: the router load-balancing loss (already inside loss, times the coefficient)
+        assert.is_not_nil(out.aux_loss, "aux_loss")
+        assert.is_true(math.abs(out.aux_loss:item() - ex.aux_loss:item()) <= 1e-5 * math.abs(ex.aux_loss:item()),
+                       ("aux_loss %.9g vs %.9g"):format(out.aux_loss:item(), ex.aux_loss:item()))
+      end
       out.loss:backward()
       local n = 0
       for pname, p in m:named_parameters() do
@@ -111,9 +118,16 @@ describe("models", function()
         assert.equal(0, tonumber(fsdp.C.fl_alloc_bytes_pending()))
         assert.is_true(fsdp.C.fl_mem_total_current() <= before)
         for _, p in ipairs(m:parameters()) do assert.equal("meta", p.device) end
-        local blocks = 0
-        for _, mod in m:named_modules() do if mod.is_block then blocks = blocks + 1 end end
-        assert.equal(2, blocks)
+        -- two outermost blocks (the decoder layers); an MoE block inside a layer is a block of its own
+        local names = {}
+        for name, mod in m:named_modules() do if mod.is_block then names[#names + 1] = name end end
+        local outermost = 0
+        for _, a in ipairs(names) do
+          local inner = false
+          for _, b in ipairs(names) do if a ~= b and a:sub(1, #b + 1) == b .. "." then inner = true end end
+          if not inner then outermost = outermost + 1 end
+        end
+        assert.equal(2, outermost, mt)
         assert.is_table(m.fsdp_plan)
       end
     end

@@ -348,7 +348,9 @@ end)
 local have_models = pcall(require, "fsdp.models")
 local models = have_models and require "fsdp.models" or nil
 for _, name in ipairs {"gpt2_tied", "gpt2_untied", "llama_tied", "llama_untied", "mistral_untied", "mistral_tied",
-                       "qwen2_untied", "qwen2_tied", "qwen3_untied", "qwen3_tied", "phi3_untied", "phi3_tied"} do
+                       "qwen2_untied", "qwen2_tied", "qwen3_untied", "qwen3_tied", "phi3_untied", "phi3_tied",
+                       "mixtral_untied", "mixtral_tied", "qwen2_moe_untied", "qwen2_moe_tied", "qwen3_moe_untied",
+                       "qwen3_moe_tied"} do
   describe("AdamW on " .. name, function()
     local it_ = (have_models and models.from_pretrained) and it or pending
     it_("reproduces the 3-step losses and final weights of torch.optim.AdamW", function()

@@ -24,12 +24,12 @@ local STEPS, MAX_NORM = 6, "0.25"
 local EXACT, TOL_HSDP, TOL_SINGLE = 0, 1e-6, 5e-5
 
 local cache = {}
-local function run(n, model, mode, dropout)
-  dropout = dropout or "0"
-  local key = ("%d/%s/%s/%s"):format(n, model, mode, dropout)
+local function run(n, model, mode, dropout, aux)
+  dropout, aux = dropout or "0", aux or "1"
+  local key = ("%d/%s/%s/%s/%s"):format(n, model, mode, dropout, aux)
   if cache[key] then return cache[key] end
   local res = D.run(n, WORKER, {"model=" .. model, "mode=" .. mode, "steps=" .. STEPS, "max_norm=" .. MAX_NORM,
-                                "dropout=" .. dropout}, {timeout = 120})
+                                "dropout=" .. dropout, "aux=" .. aux}, {timeout = 120})
   assert(res.code == 0 and not res.timed_out, key .. " failed:\n" .. res.output)
   local ranks = D.results(res)
   local r = {report = ranks[1], weights = fsdp.safetensors.load(res.dir .. "/weights.safetensors")}
@@ -120,6 +120,40 @@ for _, model in ipairs {"gpt2", "llama", "llama_tied"} do
       end
     end
   end)
+end
+
+-- Every other registered model (models/init.lua's registry), tied and untied, joins the matrix by its tiny config
+-- alone: at 2 and 3 ranks the auto plan and a manual plan with the feed-forward (MLP or MoE block) as a nested
+-- unit are bit-identical to DDP; the auto plan matches one rank; mixed precision and dropout at 2 ranks. MoE
+-- models compare with one rank without the load-balancing loss (aux=0): each rank's aux loss is over its own
+-- tokens, as in transformers under DDP, which one rank with the whole batch does not reproduce.
+local OTHERS = {}
+for mt in pairs(fsdp.models.registry) do
+  if mt ~= "gpt2" and mt ~= "llama" then OTHERS[#OTHERS + 1] = mt end
+end
+table.sort(OTHERS)
+for _, mt in ipairs(OTHERS) do
+  local moe = fsdp.models.tiny_config(mt).output_router_logits ~= nil
+  for _, tie in ipairs {"untied", "tied"} do
+    local model = mt .. "_" .. tie
+    describe("FSDP parity, " .. model, function()
+      for _, n in ipairs(tie == "untied" and {2, 3} or {2}) do
+        it(("auto and manual (nested feed-forward unit) at %d ranks are bit-identical to DDP and match one rank"):format(n), function()
+          local ddp = run(n, model, "ddp")
+          compare(run(n, model, "auto"), ddp, EXACT, "auto vs ddp")
+          compare(run(n, model, "manual"), ddp, EXACT, "manual vs ddp")
+          local aux = moe and "0" or "1"
+          compare(run(n, model, "auto", "0", aux), run(1, model, "single", "0", aux), TOL_SINGLE, "auto vs 1 rank")
+        end)
+      end
+      if tie == "untied" then
+        it("mixed precision and dropout 0.1 at 2 ranks are bit-identical to DDP's", function()
+          compare(run(2, model, "mp"), run(2, model, "ddp_mp"), EXACT, "mp vs ddp mp")
+          compare(run(2, model, "auto", "0.1"), run(2, model, "ddp", "0.1"), EXACT, "auto vs ddp, dropout 0.1")
+        end)
+      end
+    end)
+  end
 end
 
 describe("HSDP", function()

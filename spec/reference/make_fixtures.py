@@ -28,7 +28,8 @@ import transformers
 from safetensors.torch import save_file
 from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
                           MistralForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM,
-                          Qwen3Config, Qwen3ForCausalLM)
+                          Qwen3Config, Qwen3ForCausalLM, MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig,
+                          Qwen2MoeForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_OUT = os.path.normpath(os.path.join(HERE, "..", "fixtures"))
@@ -127,6 +128,39 @@ def phi3_config(tied):
     )
 
 
+def mixtral_config(tied):
+    return MixtralConfig(
+        vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, hidden_act="silu", rms_norm_eps=1e-5, num_local_experts=4, num_experts_per_tok=2,
+        router_jitter_noise=0.0, output_router_logits=True, router_aux_loss_coef=0.02, sliding_window=None,
+        attention_dropout=0.0, max_position_embeddings=64, initializer_range=0.02, tie_word_embeddings=tied,
+        dtype="float32",
+    )
+
+
+def qwen3_moe_config(tied):
+    # layer 0 dense, layer 1 routed; renormalised top-k only in the tied variant
+    return Qwen3MoeConfig(
+        vocab_size=97, hidden_size=32, intermediate_size=64, moe_intermediate_size=24, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, hidden_act="silu", rms_norm_eps=1e-6,
+        num_experts=4, num_experts_per_tok=2, norm_topk_prob=tied, decoder_sparse_step=1, mlp_only_layers=[0],
+        output_router_logits=True, router_aux_loss_coef=0.02, attention_dropout=0.0, max_position_embeddings=64,
+        initializer_range=0.02, tie_word_embeddings=tied, dtype="float32",
+    )
+
+
+def qwen2_moe_config(tied):
+    # layer 0 dense, layer 1 routed with the shared expert and its sigmoid gate
+    return Qwen2MoeConfig(
+        vocab_size=97, hidden_size=32, intermediate_size=64, moe_intermediate_size=24,
+        shared_expert_intermediate_size=40, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        hidden_act="silu", rms_norm_eps=1e-6, num_experts=4, num_experts_per_tok=2, norm_topk_prob=not tied,
+        decoder_sparse_step=1, mlp_only_layers=[0], output_router_logits=True, router_aux_loss_coef=0.02,
+        attention_dropout=0.0, max_position_embeddings=64, initializer_range=0.02, tie_word_embeddings=tied,
+        dtype="float32",
+    )
+
+
 # (name, class, config, perturb): perturbed fixtures add 0.05 * randn (seed 7) to every parameter after
 # transformers' init, so that no bias or norm weight is 0 or 1 and a loader or layer that swaps or skips one
 # changes the logits. The first four predate that and keep transformers' init.
@@ -143,7 +177,43 @@ CONFIGS = [
     ("qwen3_tied", Qwen3ForCausalLM, lambda: qwen3_config(True), True),
     ("phi3_untied", Phi3ForCausalLM, lambda: phi3_config(False), True),
     ("phi3_tied", Phi3ForCausalLM, lambda: phi3_config(True), True),
+    ("mixtral_untied", MixtralForCausalLM, lambda: mixtral_config(False), True),
+    ("mixtral_tied", MixtralForCausalLM, lambda: mixtral_config(True), True),
+    ("qwen2_moe_untied", Qwen2MoeForCausalLM, lambda: qwen2_moe_config(False), True),
+    ("qwen2_moe_tied", Qwen2MoeForCausalLM, lambda: qwen2_moe_config(True), True),
+    ("qwen3_moe_untied", Qwen3MoeForCausalLM, lambda: qwen3_moe_config(False), True),
+    ("qwen3_moe_tied", Qwen3MoeForCausalLM, lambda: qwen3_moe_config(True), True),
 ]
+
+
+def checkpoint_names(model_type, named):
+    """transformers v5 keeps experts fused in memory (mlp.experts.gate_up_proj [E, 2I, H], down_proj [E, H, I]);
+    checkpoints, and the engine, name each expert. Returns [(checkpoint name, tensor)] in the engine's parameter
+    order: each fused pair becomes, expert by expert, Mixtral's w1 (gate rows), w2 (down), w3 (up rows) under
+    block_sparse_moe, or Qwen's gate_proj, up_proj, down_proj."""
+    d = dict(named)
+    out = []
+    for n, t in named:
+        if n.endswith(".mlp.experts.down_proj"):
+            continue
+        if n.endswith(".mlp.experts.gate_up_proj"):
+            pre = n[: -len(".mlp.experts.gate_up_proj")]
+            down = d[pre + ".mlp.experts.down_proj"]
+            half = t.shape[1] // 2
+            for e in range(t.shape[0]):
+                gate, up, dn = t[e, :half], t[e, half:], down[e]
+                if model_type == "mixtral":
+                    base = f"{pre}.block_sparse_moe.experts.{e}"
+                    out += [(base + ".w1.weight", gate), (base + ".w2.weight", dn), (base + ".w3.weight", up)]
+                else:
+                    base = f"{pre}.mlp.experts.{e}"
+                    out += [(base + ".gate_proj.weight", gate), (base + ".up_proj.weight", up),
+                            (base + ".down_proj.weight", dn)]
+            continue
+        if model_type == "mixtral" and ".mlp.gate." in n:
+            n = n.replace(".mlp.gate.", ".block_sparse_moe.gate.")
+        out.append((n, t))
+    return out
 PERTURB_SEED, PERTURB_SCALE = 7, 0.05
 
 
@@ -187,6 +257,15 @@ def make_model_fixture(out_root, name, cls, make_config, perturb=False):
 
     model.save_pretrained(d)  # v5 always writes safetensors (safe_serialization is gone)
     assert os.path.exists(os.path.join(d, "model.safetensors")), os.listdir(d)
+    if hasattr(model.config, "num_experts_per_tok"):
+        # the same weights in v5's fused in-memory layout (mlp.experts.gate_up_proj / down_proj): NAME_fused/
+        fd = d + "_fused"
+        if os.path.isdir(fd):
+            shutil.rmtree(fd)
+        model.save_pretrained(fd, save_original_format=False)
+        for extra in ("generation_config.json",):
+            if os.path.exists(os.path.join(fd, extra)):
+                os.remove(os.path.join(fd, extra))
     assert not os.path.exists(os.path.join(d, "model.safetensors.index.json"))
 
     V = config.vocab_size
@@ -203,21 +282,25 @@ def make_model_fixture(out_root, name, cls, make_config, perturb=False):
     res.loss.backward()
     out["logits"] = f32(res.logits)
     out["loss"] = f32(res.loss).reshape(())
+    if getattr(res, "aux_loss", None) is not None:
+        out["aux_loss"] = f32(res.aux_loss).reshape(())
     params = list(model.named_parameters())
-    names = [n for n, _ in params]
+    for n, p in params:
+        assert p.grad is not None, n
+    grads = checkpoint_names(config.model_type, [(n, p.grad) for n, p in params])
+    names = [n for n, _ in grads]
     assert len(set(names)) == len(names)
     if tied:
         assert "lm_head.weight" not in names
-    for n, p in params:
-        assert p.grad is not None, n
-        out["grad." + n] = f32(p.grad)
+    for n, g in grads:
+        out["grad." + n] = f32(g)
 
     # 3 AdamW steps starting again from the saved weights
     model2 = cls.from_pretrained(d, attn_implementation="eager", dtype=torch.float32)
     model2.train()
     check_dropouts_zero(model2)
     sd1 = dict(model.named_parameters())
-    names2 = [n for n, _ in model2.named_parameters()]
+    names2 = [n for n, _ in checkpoint_names(config.model_type, list(model2.named_parameters()))]
     assert names2 == names, (names2, names)
     with torch.no_grad():
         for n, p in model2.named_parameters():
@@ -239,7 +322,7 @@ def make_model_fixture(out_root, name, cls, make_config, perturb=False):
         losses.append(float(loss.detach()))
     assert abs(losses[0] - float(out["loss"])) < 1e-6 * max(1.0, abs(losses[0])), (losses[0], float(out["loss"]))
     out["adamw_losses"] = torch.tensor(losses, dtype=torch.float32)
-    for n, p in model2.named_parameters():
+    for n, p in checkpoint_names(config.model_type, list(model2.named_parameters())):
         out["after3." + n] = f32(p)
 
     save_file(out, os.path.join(d, "expected.safetensors"), metadata={"format": "pt"})

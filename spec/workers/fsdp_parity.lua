@@ -5,7 +5,10 @@
 -- OUT_DIR/rank<r>.lua (per-step loss averaged over ranks, grad norm) and, on rank 0, OUT_DIR/weights.safetensors
 -- (the final full weights). The spec compares runs.
 --
---   model=gpt2|llama|llama_tied
+--   model=gpt2|llama|llama_tied, or any registered model_type with _tied / _untied (its tiny config, which already
+--         has uneven shapes): mistral_untied, mixtral_tied, ...
+--   aux=0   MoE models: output_router_logits off (no load-balancing loss: its per-rank batch statistics make a
+--           sharded run differ from one rank holding the whole batch)
 --   mode=single   no wrapping (run at 1 rank: the whole batch)
 --        ddp      fsdp.ddp
 --        auto | declared | manual | function   fsdp.apply_plan with that plan
@@ -25,7 +28,7 @@ local F    = require "fsdp.parallel"
 local D    = require "dist"
 
 local out_dir = assert(arg[1], "usage: fsdp_parity.lua OUT_DIR model=... mode=...")
-local opt = {model = "gpt2", mode = "auto", steps = "6", max_norm = "0.2", dropout = "0"}
+local opt = {model = "gpt2", mode = "auto", steps = "6", max_norm = "0.2", dropout = "0", aux = "1"}
 for i = 2, #arg do
   local k, v = arg[i]:match("^([%w_]+)=(.*)$")
   assert(k and opt[k] ~= nil, "bad option " .. arg[i])
@@ -37,9 +40,15 @@ local rank, world = dist.rank(), dist.world_size()
 local B, T, STEPS = 24, 16, tonumber(opt.steps)
 assert(B % world == 0, "the global batch must split evenly")
 
--- The registered models of the matrix: GPT-2 (tied), Llama untied, Llama with tied embeddings.
+-- The registered models of the matrix: GPT-2 (tied), Llama untied, Llama with tied embeddings, and every other
+-- registered model as MODELTYPE_tied / MODELTYPE_untied.
 local KINDS = {gpt2 = {"gpt2", true}, llama = {"llama", false}, llama_tied = {"llama", true}}
-local kind = assert(KINDS[opt.model], "model must be gpt2, llama or llama_tied")
+local kind = KINDS[opt.model]
+if not kind then
+  local base, tie = opt.model:match("^(.-)_(u?n?tied)$")
+  assert(base and fsdp.models.registry[base] and (tie == "tied" or tie == "untied"), "unknown model " .. opt.model)
+  kind = {base, tie == "tied"}
+end
 local mt = kind[1]
 local SHAPES = {
   gpt2 = {vocab_size = 97, n_embd = 40, n_head = 4},
@@ -47,7 +56,8 @@ local SHAPES = {
            head_dim = 10},
 }
 local over = {tie_word_embeddings = kind[2]}
-for k, v in pairs(SHAPES[mt]) do over[k] = v end
+for k, v in pairs(SHAPES[mt] or {}) do over[k] = v end
+if opt.aux == "0" then over.output_router_logits = false end
 local pdrop = assert(tonumber(opt.dropout), "dropout must be a number")
 if pdrop > 0 then   -- tiny_config sets every dropout to 0
   if mt == "gpt2" then over.embd_pdrop, over.resid_pdrop, over.attn_pdrop = pdrop, pdrop, pdrop
@@ -59,10 +69,11 @@ local sharded = opt.mode ~= "single" and opt.mode ~= "ddp" and opt.mode ~= "ddp_
 local model = fsdp.models.build(cfg, {device = sharded and "meta" or "cpu", seed = 7})
 
 local block_pattern = mt == "gpt2" and "transformer.h.*" or "model.layers.*"
+local ffn = model.model and model.model.layers[1].ffn_name or "mlp"   -- Mixtral's MoE block is block_sparse_moe
 local plans = {
   auto = "auto", accum = "auto", ckpt = "auto", hsdp = "auto", mp = "auto", declared = "declared",
-  -- nested units: each block's MLP is a unit of its own inside the block's unit
-  manual = {mode = "manual", modules = {[block_pattern] = "free_full_weight", [block_pattern .. ".mlp"] = "free_full_weight"}},
+  -- nested units: each block's MLP (or MoE block) is a unit of its own inside the block's unit
+  manual = {mode = "manual", modules = {[block_pattern] = "free_full_weight", [block_pattern .. "." .. ffn] = "free_full_weight"}},
   ["function"] = {modules = function(name, m) if m.is_block then return {"free_full_weight"} end end},
 }
 

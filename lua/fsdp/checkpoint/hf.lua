@@ -94,9 +94,26 @@ function M.from_pretrained(dir, opts)
     if not index[key] and spec.base_prefix and name:sub(1, #spec.base_prefix + 1) == spec.base_prefix .. "." then
       key = name:sub(#spec.base_prefix + 2)    -- e.g. openai-community/gpt2: "h.0.attn..." without "transformer."
     end
-    local src = index[key]
+    local src, offset, fused = index[key], 0, false
+    if not src and spec.fused_source then
+      -- an MoE expert in a fused checkpoint: its rows are one contiguous range of the fused tensor
+      local fkey, foff, fshape = spec.fused_source(model.config, name)
+      if fkey and index[fkey] then
+        local te = index[fkey].hdr.tensors[fkey]
+        if table.concat(te.shape, ",") ~= table.concat(fshape, ",") then
+          mismatched[#mismatched + 1] = ("'%s' has shape [%s] in %s, the model expects [%s]"):format(fkey,
+            table.concat(te.shape, ", "), index[fkey].file, table.concat(fshape, ", "))
+          used[fkey] = true
+          goto continue
+        end
+        key, src, offset, fused = fkey, index[fkey], foff, true
+      end
+    end
     if not src then
       missing[#missing + 1] = name
+    elseif fused then   -- the fused tensor's shape was checked above
+      used[key] = true
+      plan[#plan + 1] = {name = name, key = key, src = src, full = t, offset = offset}
     else
       local te = src.hdr.tensors[key]
       local shape = t:shape()
@@ -105,8 +122,9 @@ function M.from_pretrained(dir, opts)
           table.concat(te.shape, ", "), src.file, t:shape_str())
       end
       used[key] = true
-      plan[#plan + 1] = {name = name, key = key, src = src, full = t}
+      plan[#plan + 1] = {name = name, key = key, src = src, full = t, offset = 0}
     end
+    ::continue::
   end
   local unexpected = {}
   for name in pairs(index) do
@@ -130,14 +148,14 @@ function M.from_pretrained(dir, opts)
     for _, p in ipairs(plan) do
       local shard = Tensor.local_of(p.full)
       local info = Tensor.shard_info(shard)
-      st.read_range_into(p.src.file, p.src.hdr, p.key, shard, info and info.offset or 0)
+      st.read_range_into(p.src.file, p.src.hdr, p.key, shard, p.offset + (info and info.offset or 0))
     end
     return model
   end
   for _, p in ipairs(plan) do
     core.check(C.fl_tensor_storage_alloc(p.full._p), "from_pretrained " .. p.name, 2)
     C.fl_tensor_set_category(p.full._p, core.mem_categories.param)
-    st.read_into(p.src.file, p.src.hdr, p.key, p.full)
+    st.read_range_into(p.src.file, p.src.hdr, p.key, p.full, p.offset)
   end
   return model
 end

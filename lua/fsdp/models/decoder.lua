@@ -7,6 +7,11 @@
 --                                 qk_norm, fused_qkv
 --   traits.mlp(cfg)               options of nn.GatedMLP: bias, fused
 --   traits.resid_dropout(cfg)     dropout on both branch outputs before the residual add (Phi-3), or nil
+--   traits.ffn(cfg, i, o)         the feed-forward of layer i other than the gated MLP: returns its name and module
+--                                 (an MoE block), or nil for the gated MLP under "mlp"
+--   traits.moe(cfg)               {num_experts =, top_k =, coef =} when the model routes: forward then collects
+--                                 every MoE block's router logits and returns aux_loss (added to the loss, times
+--                                 router_aux_loss_coef, when cfg.output_router_logits), as transformers' MoE LMs
 -- The config keys every family member shares are normalised by M.normalize_common.
 local core       = require "fsdp.core"
 local Module     = require "fsdp.nn.module"
@@ -17,6 +22,8 @@ local Linear     = require "fsdp.nn.linear"
 local Dropout    = require "fsdp.nn.dropout"
 local Attention  = require "fsdp.nn.attention"
 local GatedMLP   = require "fsdp.nn.gated_mlp"
+local MoE        = require "fsdp.nn.moe"
+local basic      = require "fsdp.ops.basic"
 local ops        = require "fsdp.nn.ops"
 local common     = require "fsdp.models.common"
 
@@ -145,9 +152,17 @@ function M.make(traits)
       qk_norm = a.qk_norm, norm_eps = cfg.rms_norm_eps, fused_qkv = a.fused_qkv, rope_theta = rp.rope_theta,
       rotary_dim = math.floor(hd * (rp.partial_rotary_factor or 1.0)), dropout = cfg.attention_dropout, std = std,
       device = o.device, dtype = o.dtype}))
-    local m = traits.mlp(cfg)
-    self:register_module("mlp", GatedMLP.new(H, cfg.intermediate_size, {activation = cfg.hidden_act, bias = m.bias,
-      fused = m.fused, std = std, device = o.device, dtype = o.dtype}))
+    local ffn_name, ffn = nil, nil
+    if traits.ffn then ffn_name, ffn = traits.ffn(cfg, i, o) end
+    if ffn then
+      self.ffn_name = ffn_name
+      self:register_module(ffn_name, ffn)
+    else
+      local m = traits.mlp(cfg)
+      self.ffn_name = "mlp"
+      self:register_module("mlp", GatedMLP.new(H, cfg.intermediate_size, {activation = cfg.hidden_act, bias = m.bias,
+        fused = m.fused, std = std, device = o.device, dtype = o.dtype}))
+    end
     self:register_module("input_layernorm", RMSNorm.new(H, {eps = cfg.rms_norm_eps, device = o.device, dtype = o.dtype}))
     self:register_module("post_attention_layernorm", RMSNorm.new(H, {eps = cfg.rms_norm_eps, device = o.device, dtype = o.dtype}))
     local p = traits.resid_dropout and traits.resid_dropout(cfg) or 0
@@ -172,7 +187,7 @@ function M.make(traits)
     local a = self.input_layernorm(x)
     local h = residual(x, self.self_attn(a, pos), self.resid_attn_dropout); a:free()
     local m = self.post_attention_layernorm(h)
-    local out = residual(h, self.mlp(m), self.resid_mlp_dropout); m:free(); h:free()
+    local out = residual(h, self[self.ffn_name](m), self.resid_mlp_dropout); m:free(); h:free()
     return out
   end
 
@@ -195,8 +210,36 @@ function M.make(traits)
   end
 
   local lm_name = traits.prefix .. "ForCausalLM"
-  function LM:forward(input_ids, opts)
-    return common.causal_lm_forward(self, lm_name, self.model, input_ids, opts)
+  if traits.moe then
+    local MOE_OPTS = {labels = true, output_router_logits = true}
+    function LM:forward(input_ids, opts)
+      opts = core.check_opts(lm_name, opts, MOE_OPTS, 2)
+      local cfg = self.config
+      local out = common.causal_lm_forward(self, lm_name, self.model, input_ids, {labels = opts.labels})
+      local want = opts.output_router_logits
+      if want == nil then want = cfg.output_router_logits end
+      local blocks = {}
+      local layers = self.model.layers
+      for i = 1, layers.n do
+        local b = layers[i][layers[i].ffn_name]
+        if rawget(b, "router_logits") then blocks[#blocks + 1] = b end
+      end
+      if want then
+        local moe = traits.moe(cfg)
+        out.aux_loss = MoE.aux_loss(blocks, moe.num_experts, moe.top_k)
+        if out.loss then
+          local scaled = basic.mul(out.aux_loss, moe.coef)
+          local total = ops.add(out.loss, scaled); scaled:free(); out.loss:free()
+          out.loss = total
+        end
+      end
+      for _, b in ipairs(blocks) do MoE.drop_router_logits(b) end
+      return out
+    end
+  else
+    function LM:forward(input_ids, opts)
+      return common.causal_lm_forward(self, lm_name, self.model, input_ids, opts)
+    end
   end
 
   local function build(cfg, o)

@@ -14,6 +14,9 @@ M.registry = {
   qwen2 = require "fsdp.models.qwen2",
   qwen3 = require "fsdp.models.qwen3",
   phi3 = require "fsdp.models.phi3",
+  mixtral = require "fsdp.models.mixtral",
+  qwen2_moe = require "fsdp.models.qwen2_moe",
+  qwen3_moe = require "fsdp.models.qwen3_moe",
 }
 
 local function spec_of(model_type, what)
