@@ -38,7 +38,7 @@ LDLIBS  += -L$(CUDA_HOME)/lib64 -lcudart -lcublas -lstdc++  # nvcc host code nee
 NVFLAGS ?= -O3 -arch=sm_90 -Xcompiler -fPIC -Iengine -Ikernels
 endif
 
-.PHONY: all binaries deps test check check-deps check-lua check-c check-asan demo bench clean install
+.PHONY: all binaries deps test test-reference check check-deps check-lua check-c check-asan demo bench clean install
 # deps first, then a fresh make: the compiler flags above ask mpicc and pkg-config, which deps installs.
 all: deps
 	@$(MAKE) --no-print-directory binaries
@@ -77,6 +77,13 @@ $(CDEF): engine/fsdp.h
 
 test: all
 	@CI=$(CI) spec/run.sh
+
+# make test-reference: the live interop check with transformers, both directions (spec/reference/check_interop.py);
+# needs the reference venv (bash spec/reference/setup_venv.sh) and is skipped, counting nothing, without it.
+REF_PY := spec/reference/.venv/bin/python
+test-reference: all
+	@if [ -x $(REF_PY) ]; then $(REF_PY) spec/reference/check_interop.py; \
+	else echo "test-reference: skipped (no spec/reference/.venv; run bash spec/reference/setup_venv.sh)"; fi
 
 # make check: the checks that must stay clean, each failing on any finding. luacheck reads .luacheckrc;
 # cppcheck sees the build's include paths; then every spec (C, busted, multi-rank) against an ASan + UBSan build

@@ -235,6 +235,8 @@ fl_tensor *fl_cross_entropy(const fl_tensor *logits, const fl_tensor *targets, i
 
 /* ---- embedding, RoPE, attention (ops_embed.c, ops_attn.c) ---- */
 fl_tensor *fl_embedding(const fl_tensor *weight, const fl_tensor *ids); /* weight [V, H], ids any shape -> [..., H] */
+/* The same; row padding_idx (-1: none) gets no gradient, as torch's nn.Embedding(padding_idx =). */
+fl_tensor *fl_embedding_padded(const fl_tensor *weight, const fl_tensor *ids, int64_t padding_idx);
 /* RoPE, first-half/second-half convention (GPT-NeoX / HF rotate_half). x is [B, T, heads, hd] (any strides
  * with the last dim contiguous); pos [T] i64 or NULL for 0..T-1; rotates the first rot_dim channels. */
 fl_tensor *fl_rope(const fl_tensor *x, const fl_tensor *pos, double theta, int32_t rot_dim);

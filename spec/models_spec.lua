@@ -5,7 +5,8 @@ local st = require "fsdp.safetensors"
 local models = require "fsdp.models"
 local cjson = require "cjson"
 
-local FIXTURES = {"gpt2_tied", "gpt2_untied", "llama_untied", "llama_tied"}
+local FIXTURES = {"gpt2_tied", "gpt2_untied", "llama_untied", "llama_tied", "mistral_untied", "mistral_tied",
+                  "qwen2_untied", "qwen2_tied", "qwen3_untied", "qwen3_tied", "phi3_untied", "phi3_tied"}
 
 local function err_of(fn, ...)
   local ok, err = pcall(fn, ...)

@@ -349,14 +349,17 @@ end)
 
 -- Three AdamW steps of a whole model against transformers + torch (spec/fixtures/<model>). The optimizer
 -- itself is bit-exact (op fixture above); here it runs on our forward/backward, whose f32 grads differ from
--- torch's by ~1e-8. Adam divides m by sqrt(v) elementwise, so where a grad is itself ~0 (GPT-2's key bias:
--- exactly 0 in exact arithmetic, ~1e-13 in torch) that noise becomes a different step of up to lr in size.
--- Measured: all four models keep every loss within 1 f32 ulp, and 99.7% of weights within 1e-6 after the
--- three steps (the rest up to 5.5e-5, all at near-zero grads). The checks: losses within 2e-6 (4 ulps at
--- ~4.6); at most 0.5% of weights beyond 1e-6, none beyond 2e-4 (2% of one lr step).
+-- torch's by ~1e-8. Adam's first step is lr * g / (|g| + eps), nearly lr * sign(g): where a grad is itself ~0
+-- (a key bias: exactly 0 in exact arithmetic, ~1e-13 in torch) that noise becomes a different step of up to lr,
+-- and the tiny models move fast (Phi-3's loss falls 4.9 -> 2.9 in two steps), carrying 1e-8 differences along.
+-- Measured over the twelve fixtures: every loss within 2e-6 relative; at most 2.1% of a model's weights beyond
+-- 1e-6 after the three steps (Phi-3; GPT-2 and Llama 0.3%), the worst 3.2e-4 (Phi-3 o_proj) and 2.1e-4 (Qwen2's
+-- key bias). The checks: losses within 1e-5 relative; at most 5% of weights beyond 1e-6 — a wrong weight decay,
+-- beta or bias correction moves nearly every weight by more — and none beyond 1e-3 (a tenth of one lr step).
 local have_models = pcall(require, "fsdp.models")
 local models = have_models and require "fsdp.models" or nil
-for _, name in ipairs {"gpt2_tied", "gpt2_untied", "llama_tied", "llama_untied"} do
+for _, name in ipairs {"gpt2_tied", "gpt2_untied", "llama_tied", "llama_untied", "mistral_untied", "mistral_tied",
+                       "qwen2_untied", "qwen2_tied", "qwen3_untied", "qwen3_tied", "phi3_untied", "phi3_tied"} do
   describe("AdamW on " .. name, function()
     local it_ = (have_models and models.from_pretrained) and it or pending
     it_("reproduces the 3-step losses and final weights of torch.optim.AdamW", function()
@@ -371,7 +374,7 @@ for _, name in ipairs {"gpt2_tied", "gpt2_untied", "llama_tied", "llama_untied"}
       for step = 1, meta.adamw_steps do
         opt:zero_grad()
         local out = model(exp.input_ids, {labels = exp.labels})
-        assert.near(losses[step], out.loss:item(), 2e-6)
+        assert.near(losses[step], out.loss:item(), 1e-5 * math.abs(losses[step]))
         out.loss:backward()
         opt:step()
       end
@@ -387,8 +390,8 @@ for _, name in ipairs {"gpt2_tied", "gpt2_untied", "llama_tied", "llama_untied"}
           if d > worst then worst, worst_name = d, pname end
         end
       end
-      assert.is_true(loose <= 0.005 * total, ("%d of %d weights differ by more than 1e-6"):format(loose, total))
-      assert.is_true(worst < 2e-4, ("max difference %g in %s"):format(worst, tostring(worst_name)))
+      assert.is_true(loose <= 0.05 * total, ("%d of %d weights differ by more than 1e-6"):format(loose, total))
+      assert.is_true(worst < 1e-3, ("max difference %g in %s"):format(worst, tostring(worst_name)))
     end)
   end)
 end

@@ -28,6 +28,7 @@ static int embedding_backward(fl_node *n, fl_tensor *const *go, fl_tensor **gi) 
     fl_tensor *dw = g ? fl_tensor_zeros(2, n->in_shape[0], g->dtype, FL_CPU) : NULL;
     if (!dw) { fl_tensor_release(g); return FL_ENOMEM; }
     const void *pi = fl_tensor_data(ids);
+    int64_t pad = n->i[0];   /* -1: none; else that row gets no gradient (torch's padding_idx) */
     int64_t nblk = (h + EMB_COL_BLOCK - 1) / EMB_COL_BLOCK;
     int32_t dt = g->dtype;
     /* Parallel over column blocks, rows added in id order: the same bits for any thread count. */
@@ -36,6 +37,7 @@ static int embedding_backward(fl_node *n, fl_tensor *const *go, fl_tensor **gi) 
         int64_t c0 = cb * EMB_COL_BLOCK, c1 = fl_min64(h, c0 + EMB_COL_BLOCK);
         for (int64_t i = 0; i < cnt; i++) {
             int64_t r = id_at(pi, ids->dtype, i);
+            if (r == pad) continue;
             if (dt == FL_F32) {
                 float *d = (float *)fl_tensor_data(dw) + r * h;
                 const float *s = (const float *)fl_tensor_data(g) + i * h;
@@ -57,7 +59,9 @@ static int embedding_backward(fl_node *n, fl_tensor *const *go, fl_tensor **gi) 
     return FL_OK;
 }
 
-fl_tensor *fl_embedding(const fl_tensor *weight, const fl_tensor *ids) {
+fl_tensor *fl_embedding(const fl_tensor *weight, const fl_tensor *ids) { return fl_embedding_padded(weight, ids, -1); }
+
+fl_tensor *fl_embedding_padded(const fl_tensor *weight, const fl_tensor *ids, int64_t padding_idx) {
     if (fl_check_cpu_data("embedding", weight) < 0 || fl_check_cpu_data("embedding", ids) < 0 ||
         (!fl_lowp_any(1, &weight) && fl_check_float("embedding", weight) < 0))
         return NULL;
@@ -66,6 +70,9 @@ fl_tensor *fl_embedding(const fl_tensor *weight, const fl_tensor *ids) {
         return fl_fail_null(FL_EINVAL, "embedding: ids must be i64 or i32, got %s", fl_dtype_name(ids->dtype));
     if (ids->ndim + 1 > FL_MAX_DIMS) return fl_fail_null(FL_EINVAL, "embedding: ids %s have too many dims", fl_shape_str(ids));
     int64_t v = weight->shape[0], h = weight->shape[1], cnt = fl_tensor_numel(ids);
+    if (padding_idx < -1 || padding_idx >= v)
+        return fl_fail_null(FL_EINVAL, "embedding: padding_idx %" PRId64 " is out of range [0, %" PRId64 ") for weight %s",
+                            padding_idx, v, fl_shape_str(weight));
     fl_tensor *ic = fl_contiguous(ids), *wc = fl_contiguous(weight), *out = NULL;
     if (!ic || !wc) goto done;
     const void *pi = fl_tensor_data(ic);
@@ -88,7 +95,10 @@ fl_tensor *fl_embedding(const fl_tensor *weight, const fl_tensor *ids) {
     for (int64_t i = 0; i < cnt; i++) memcpy(po + (size_t)i * row, pw + (size_t)id_at(pi, ids->dtype, i) * row, row);
     const fl_tensor *ins[2] = {weight, ids};
     fl_node *n = fl_record("embedding", embedding_backward, 2, ins, out);
-    if (n) fl_node_save(n, ic);
+    if (n) {
+        fl_node_save(n, ic);
+        n->i[0] = padding_idx;
+    }
 done:
     fl_tensor_release(ic);
     fl_tensor_release(wc);

@@ -26,7 +26,9 @@ import torch
 import torch.nn.functional as F
 import transformers
 from safetensors.torch import save_file
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
+                          MistralForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM,
+                          Qwen3Config, Qwen3ForCausalLM)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_OUT = os.path.normpath(os.path.join(HERE, "..", "fixtures"))
@@ -80,22 +82,84 @@ def llama_config(tied):
     )
 
 
+def mistral_config(tied):
+    # a window of 4 inside 12-token sequences: the sliding-window mask's boundary is exercised
+    return MistralConfig(
+        vocab_size=101, hidden_size=32, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, hidden_act="silu", rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 5000.0}, sliding_window=4, attention_dropout=0.0,
+        max_position_embeddings=64, initializer_range=0.02, tie_word_embeddings=tied, dtype="float32",
+    )
+
+
+def qwen2_config(tied):
+    # layer 0 full attention, layer 1 a window of 4
+    return Qwen2Config(
+        vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, hidden_act="silu", rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, use_sliding_window=True,
+        sliding_window=4, max_window_layers=1, attention_dropout=0.0, max_position_embeddings=64,
+        initializer_range=0.02, tie_word_embeddings=tied, dtype="float32",
+    )
+
+
+def qwen3_config(tied):
+    # explicit head_dim 16: nH * hd = 64 differs from hidden 48; q/k/v/o biases when untied
+    return Qwen3Config(
+        vocab_size=101, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, hidden_act="silu", rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, attention_bias=not tied,
+        attention_dropout=0.0, max_position_embeddings=64, initializer_range=0.02, tie_word_embeddings=tied,
+        dtype="float32",
+    )
+
+
+def phi3_config(tied):
+    # fused qkv with GQA, fused gate_up, half the channels rotated (untied) or all (tied), a padding row
+    return Phi3Config(
+        vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, hidden_act="silu", rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                         "partial_rotary_factor": 1.0 if tied else 0.5},
+        resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0, pad_token_id=100, bos_token_id=1, eos_token_id=100,
+        sliding_window=None, max_position_embeddings=64, original_max_position_embeddings=64,
+        initializer_range=0.02, tie_word_embeddings=tied, dtype="float32",
+    )
+
+
+# (name, class, config, perturb): perturbed fixtures add 0.05 * randn (seed 7) to every parameter after
+# transformers' init, so that no bias or norm weight is 0 or 1 and a loader or layer that swaps or skips one
+# changes the logits. The first four predate that and keep transformers' init.
 CONFIGS = [
-    ("gpt2_tied", GPT2LMHeadModel, lambda: gpt2_config(True)),
-    ("gpt2_untied", GPT2LMHeadModel, lambda: gpt2_config(False)),
-    ("llama_untied", LlamaForCausalLM, lambda: llama_config(False)),
-    ("llama_tied", LlamaForCausalLM, lambda: llama_config(True)),
+    ("gpt2_tied", GPT2LMHeadModel, lambda: gpt2_config(True), False),
+    ("gpt2_untied", GPT2LMHeadModel, lambda: gpt2_config(False), False),
+    ("llama_untied", LlamaForCausalLM, lambda: llama_config(False), False),
+    ("llama_tied", LlamaForCausalLM, lambda: llama_config(True), False),
+    ("mistral_untied", MistralForCausalLM, lambda: mistral_config(False), True),
+    ("mistral_tied", MistralForCausalLM, lambda: mistral_config(True), True),
+    ("qwen2_untied", Qwen2ForCausalLM, lambda: qwen2_config(False), True),
+    ("qwen2_tied", Qwen2ForCausalLM, lambda: qwen2_config(True), True),
+    ("qwen3_untied", Qwen3ForCausalLM, lambda: qwen3_config(False), True),
+    ("qwen3_tied", Qwen3ForCausalLM, lambda: qwen3_config(True), True),
+    ("phi3_untied", Phi3ForCausalLM, lambda: phi3_config(False), True),
+    ("phi3_tied", Phi3ForCausalLM, lambda: phi3_config(True), True),
 ]
+PERTURB_SEED, PERTURB_SCALE = 7, 0.05
 
 
 def f32(t):
     return t.detach().to(torch.float32).contiguous().clone()
 
 
-def build_model(cls, config):
+def build_model(cls, config, perturb=False):
     config._attn_implementation = "eager"
     torch.manual_seed(MODEL_SEED)
     model = cls(config)
+    if perturb:
+        g = torch.Generator().manual_seed(PERTURB_SEED)
+        with torch.no_grad():
+            for _, p in model.named_parameters():
+                p.add_(PERTURB_SCALE * torch.randn(p.shape, generator=g, dtype=p.dtype))
     model.to(torch.float32)
     model.train()
     return model
@@ -107,14 +171,14 @@ def check_dropouts_zero(model):
             assert mod.p == 0.0, f"dropout {name} has p={mod.p}"
 
 
-def make_model_fixture(out_root, name, cls, make_config):
+def make_model_fixture(out_root, name, cls, make_config, perturb=False):
     d = os.path.join(out_root, name)
     if os.path.isdir(d):
         shutil.rmtree(d)
     os.makedirs(d)
 
     config = make_config()
-    model = build_model(cls, config)
+    model = build_model(cls, config, perturb)
     check_dropouts_zero(model)
     assert model.config._attn_implementation == "eager"
     tied = bool(config.tie_word_embeddings)
@@ -190,6 +254,7 @@ def make_model_fixture(out_root, name, cls, make_config):
         "batch": B,
         "seq": T,
         "tied": tied,
+        "perturbed": perturb,
         "param_names": names,
         "adamw": ADAMW,
         "adamw_steps": ADAMW_STEPS,
@@ -350,10 +415,10 @@ def main():
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     os.makedirs(args.out, exist_ok=True)
-    for name, cls, mk in CONFIGS:
+    for name, cls, mk, perturb in CONFIGS:
         if args.only and name not in args.only:
             continue
-        make_model_fixture(args.out, name, cls, mk)
+        make_model_fixture(args.out, name, cls, mk, perturb)
     if not args.only or "ops" in args.only:
         make_ops_fixture(args.out)
     return 0

@@ -184,9 +184,6 @@ end
 M.encode_json = encode
 
 local TORCH_DTYPE = {f32 = "float32", f64 = "float64", bf16 = "bfloat16", f16 = "float16"}
-
-
-local TORCH_DTYPE = {f32 = "float32", f64 = "float64", bf16 = "bfloat16", f16 = "float16"}
 local ELEM_SIZE = {f32 = 4, f64 = 8, bf16 = 2, f16 = 2}
 
 -- max_shard_size as transformers reads it (convert_file_size_to_int): bytes, or a string "<n><unit>" with decimal

@@ -10,6 +10,10 @@ local M = {}
 M.registry = {
   gpt2 = require "fsdp.models.gpt2",
   llama = require "fsdp.models.llama",
+  mistral = require "fsdp.models.mistral",
+  qwen2 = require "fsdp.models.qwen2",
+  qwen3 = require "fsdp.models.qwen3",
+  phi3 = require "fsdp.models.phi3",
 }
 
 local function spec_of(model_type, what)

@@ -1,17 +1,21 @@
 -- lua/fsdp/nn/attention.lua: Llama-family causal self-attention: q/k/v/o Linear projections (optional biases),
 -- grouped-query attention (nKV kv heads shared by nH/nKV query heads each), RoPE on q and k, optional sliding
 -- window, attention_dropout on the probabilities inside the fused op in training mode (masks keyed by
--- fsdp.dropout_keys). Reshapes [B, T, nH*hd] <-> [B, T, nH, hd] are free views.
+-- fsdp.dropout_keys). Reshapes [B, T, nH*hd] <-> [B, T, nH, hd] are free views. Variants by option: qk_norm (Qwen3:
+-- RMSNorm over hd of every query and key head, before RoPE) and fused_qkv (Phi-3: one qkv_proj whose output rows
+-- are q, then k, then v).
 local core   = require "fsdp.core"
 local Module = require "fsdp.nn.module"
 local Linear = require "fsdp.nn.linear"
+local RMSNorm = require "fsdp.nn.rms_norm"
 local basic  = require "fsdp.ops.basic"
 local ops    = require "fsdp.nn.ops"
 local keys   = require "fsdp.dropout_keys"
 
 local Attention = Module.class("Attention")
 local OPTS = {num_heads = true, num_kv_heads = true, head_dim = true, bias = true, o_bias = true, rope_theta = true,
-              rotary_dim = true, window = true, dropout = true, std = true, device = true, dtype = true, seed = true}
+              rotary_dim = true, window = true, dropout = true, qk_norm = true, norm_eps = true, fused_qkv = true,
+              std = true, device = true, dtype = true, seed = true}
 
 function Attention.new(hidden, opts)
   opts = core.check_opts("Attention", opts, OPTS, 2)
@@ -39,26 +43,58 @@ function Attention.new(hidden, opts)
   if opts.o_bias ~= nil then o_bias = opts.o_bias and true or false end
   local lo = {std = opts.std, device = opts.device, dtype = opts.dtype, seed = opts.seed}
   local function lin(i, o, b) lo.bias = b; return Linear.new(i, o, lo) end
-  self:register_module("q_proj", lin(hidden, nh * hd, bias))
-  self:register_module("k_proj", lin(hidden, nkv * hd, bias))
-  self:register_module("v_proj", lin(hidden, nkv * hd, bias))
-  self:register_module("o_proj", lin(nh * hd, hidden, o_bias))
+  self.fused_qkv = opts.fused_qkv and true or false
+  if self.fused_qkv then   -- Phi-3 registers o_proj first: its parameters come first in the state dict
+    self:register_module("o_proj", lin(nh * hd, hidden, o_bias))
+    self:register_module("qkv_proj", lin(hidden, (nh + 2 * nkv) * hd, bias))
+  else
+    self:register_module("q_proj", lin(hidden, nh * hd, bias))
+    self:register_module("k_proj", lin(hidden, nkv * hd, bias))
+    self:register_module("v_proj", lin(hidden, nkv * hd, bias))
+    self:register_module("o_proj", lin(nh * hd, hidden, o_bias))
+  end
+  if opts.qk_norm then
+    local no = {eps = opts.norm_eps, device = opts.device, dtype = opts.dtype, seed = opts.seed}
+    self:register_module("q_norm", RMSNorm.new(hd, no))
+    self:register_module("k_norm", RMSNorm.new(hd, no))
+  end
   return self
+end
+
+-- q, k, v as [B, T, heads, hd]: three projections, or one fused projection cut by output columns.
+function Attention:project(x, B, T)
+  local nh, nkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
+  if not self.fused_qkv then
+    local q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+    local qh, kh, vh = basic.view(q, {B, T, nh, hd}), basic.view(k, {B, T, nkv, hd}), basic.view(v, {B, T, nkv, hd})
+    q:free(); k:free(); v:free()
+    return qh, kh, vh
+  end
+  local qkv = self.qkv_proj(x)
+  local function cut(first, heads)
+    local part = basic.narrow(qkv, 3, first, heads * hd)
+    local c = basic.contiguous(part); part:free()
+    local h = basic.view(c, {B, T, heads, hd}); c:free()
+    return h
+  end
+  local qh, kh, vh = cut(1, nh), cut(nh * hd + 1, nkv), cut((nh + nkv) * hd + 1, nkv)
+  qkv:free()
+  return qh, kh, vh
 end
 
 -- x [B, T, H]; pos: optional i64 [T] positions (default 0..T-1) -> [B, T, H]
 function Attention:forward(x, pos)
   local xp = x._p
   local B, T = tonumber(xp.shape[0]), tonumber(xp.shape[1])
-  local nh, nkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
-  local q = self.q_proj(x)
-  local qh = basic.view(q, {B, T, nh, hd}); q:free()
+  local nh, hd = self.num_heads, self.head_dim
+  local qh, kh, vh = self:project(x, B, T)
+  if self.q_norm then
+    local qn, kn = self.q_norm(qh), self.k_norm(kh)
+    qh:free(); kh:free()
+    qh, kh = qn, kn
+  end
   local qr = ops.rope(qh, pos, self.rope_theta, self.rotary_dim); qh:free()
-  local k = self.k_proj(x)
-  local kh = basic.view(k, {B, T, nkv, hd}); k:free()
   local kr = ops.rope(kh, pos, self.rope_theta, self.rotary_dim); kh:free()
-  local v = self.v_proj(x)
-  local vh = basic.view(v, {B, T, nkv, hd}); v:free()
   local p = self.training and self.dropout or 0
   local o = ops.attention(qr, kr, vh, self.scale, self.window, p, self.dropout_seed, p > 0 and keys.next() or 0)
   qr:free(); kr:free(); vh:free()

@@ -4,6 +4,7 @@
 -- only the local part of a distributed parameter (Tensor.local_of) — with the counter-based RNG keyed by the
 -- parameter's full name. Parallelism (lua/fsdp/parallel/) attaches through the generic forward hooks below and
 -- through Tensor.local_of; this file knows nothing of it.
+local ffi    = require "ffi"
 local core   = require "fsdp.core"
 local Tensor = require "fsdp.tensor"
 
@@ -219,6 +220,16 @@ function Module.init_values(t, init, seed, name, elem_offset)
     core.check(C.fl_tensor_fill_(p, 0), "init " .. name, 2)
   elseif kind == "ones" then
     core.check(C.fl_tensor_fill_(p, 1), "init " .. name, 2)
+  end
+  if init.zero_row then
+    -- an embedding's padding row starts at zero: the part of elements [row * size, (row + 1) * size) of the
+    -- full tensor that lies in this tensor's range [elem_offset, elem_offset + numel)
+    local lo = math.max(init.zero_row * init.row_size, elem_offset or 0)
+    local hi = math.min((init.zero_row + 1) * init.row_size, (elem_offset or 0) + t:numel())
+    if hi > lo then
+      local es = C.fl_dtype_size(C.fl_dtype_from_name(t.dtype))
+      ffi.fill(ffi.cast("uint8_t *", t:data_ptr()) + (lo - (elem_offset or 0)) * es, (hi - lo) * es)
+    end
   end
 end
 

@@ -24,7 +24,9 @@ function M.add(a, b) return own(C.fl_add(ptr(a, "add", 1), ptr(b, "add", 2)), "a
 
 function M.dropout(x, p, seed, key) return own(C.fl_dropout(ptr(x, "dropout"), p, seed, key), "dropout") end
 
-function M.embedding(w, ids) return own(C.fl_embedding(ptr(w, "embedding", 1), ptr(ids, "embedding", 2)), "embedding") end
+function M.embedding(w, ids, padding_idx)
+  return own(C.fl_embedding_padded(ptr(w, "embedding", 1), ptr(ids, "embedding", 2), padding_idx or -1), "embedding")
+end
 
 -- x [B, T, heads, hd]; pos nil means 0..T-1.
 function M.rope(x, pos, theta, rot_dim)

@@ -83,8 +83,11 @@ end
 
 -- ---- embedding, RoPE, attention ----
 
--- embedding(weight [V, H], ids (i64/i32, 0-based, any shape)) -> [..., H]
-function M.embedding(weight, ids) return own(C.fl_embedding(ptr(weight, "embedding", 1), ptr(ids, "embedding", 2)), "embedding") end
+-- embedding(weight [V, H], ids (i64/i32, 0-based, any shape), padding_idx) -> [..., H]; row padding_idx (0-based,
+-- as torch's) gets no gradient.
+function M.embedding(weight, ids, padding_idx)
+  return own(C.fl_embedding_padded(ptr(weight, "embedding", 1), ptr(ids, "embedding", 2), padding_idx or -1), "embedding")
+end
 
 -- rope(x [B, T, heads, hd], pos (i64 [T] or nil for 0..T-1), theta = 10000, rot_dim = hd)
 function M.rope(x, pos, theta, rot_dim)
