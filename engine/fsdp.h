@@ -297,6 +297,27 @@ int fl_link(const char *from, const char *to);   /* a hard link: carries a file 
 char *fl_dir_list(const char *path);
 void fl_free(void *p);
 
+/* ---- background checkpoint writes (io/async_write.c) ----
+ * A writer holds host copies of whole files. Stage every byte of each file first (add_file, then put_bytes /
+ * put_tensor, which copy and convert at once, so the tensors may change right after), then start: a thread of the
+ * writer's own creates, writes and fsyncs the files, in order, and frees each copy once written. The thread does
+ * file I/O only (no communication, no Lua); the caller agrees with its peers and publishes after wait. Each writer
+ * owns its thread and memory: no global state. */
+typedef struct fl_async_write fl_async_write;
+fl_async_write *fl_async_write_new(void);          /* owned (fl_async_write_release); NULL on error */
+/* Stages a file of `size` bytes at `path` (written with O_TRUNC); returns its index, or negative. */
+int32_t fl_async_write_add_file(fl_async_write *w, const char *path, int64_t size);
+int fl_async_write_put_bytes(fl_async_write *w, int32_t file, int64_t offset, const void *data, int64_t n);
+/* Copies t's elements (any strides) into the file's bytes at `offset`, converted to file_dtype. */
+int fl_async_write_put_tensor(fl_async_write *w, int32_t file, int64_t offset, int32_t file_dtype, const fl_tensor *t);
+/* Starts the writer thread. delay_s > 0 makes it wait that long before writing: a test hook, so that a spec can
+ * watch training go on during a write or kill a rank in the middle of one; 0 in normal use. */
+int fl_async_write_start(fl_async_write *w, double delay_s);
+bool fl_async_write_done(const fl_async_write *w); /* true once the thread has finished (then wait to learn how) */
+int fl_async_write_wait(fl_async_write *w);        /* joins the thread; its error (file, offset, errno) if it failed */
+int64_t fl_async_write_bytes(const fl_async_write *w); /* host bytes staged */
+void fl_async_write_release(fl_async_write *w);    /* NULL-safe; joins a running thread first, then frees */
+
 /* ---- communication (dist/comm.c: groups, checks, world-size-1 copies; dist/comm_queue.c: the communication
  * thread, waits and timeouts; dist/reduce.c: rank-order reductions; dist/comm_mpi.c: Open MPI) ----
  * A process group. Collectives take contiguous CPU tensors; a mismatch of dtype or size between ranks is an

@@ -2,12 +2,21 @@
 -- CPU, then samples text from it. `make demo` runs it with a 110 s budget:
 --     build/fsdp-lua examples/train.lua --time 110
 -- On N ranks (`build/fsdp-lua -n 3 examples/train.lua`) the model is built on meta and sharded with an FSDP
--- plan (--plan auto by default; declared, or ddp for plain data parallelism); each rank trains on its own
--- batch of --batch sequences, so the global batch is N x --batch.
+-- plan (--plan auto by default; declared, or ddp for plain data parallelism). The ranks share one shuffled order
+-- of windows (fsdp.data's distributed loader): each step takes a global batch of N x --batch windows and rank r
+-- its r-th slice, so the data position is a count of global samples.
+-- Checkpoints (fsdp.checkpoint): --save-every N --save-dir DIR saves a training checkpoint every N steps and at
+-- the end (--save-dir alone: at the end only); --resume DIR continues one, at any world size and plan, exactly
+-- where it stopped: weights, optimizer, schedule, random streams and data position come from the checkpoint and
+-- --steps says where to stop (keep the global batch: saved with -n 4 --batch 2, resume with -n 2 --batch 4).
+-- --export DIR writes the trained model in Hugging Face's layout (save_pretrained).
 -- Options (all optional): --model gpt2|llama  --steps N  --time SECONDS  --batch B  --seq T  --lr PEAK
 --   --min-lr LR  --warmup N  --layers L  --embd C  --heads H  --wd W  --clip NORM  --seed S  --log N
 --   --data PATH  --sample CHARS  --temperature X (0 = greedy)  --prompt TEXT  --threads N
 --   --plan auto|declared|ddp|none (default: auto on N > 1 ranks, none on one)
+--   --save-every N  --save-dir DIR  --resume DIR  --export DIR  --stop-at N (stop after step N, as if preempted:
+--   the schedule still spans --steps; with --save-dir the run saves there, to be resumed)
+-- A schedule by --time follows the clock, which restarts on --resume; one by --steps resumes exactly.
 local fsdp  = require "fsdp"
 local optim = require "fsdp.optim"
 local data  = require "fsdp.data"
@@ -27,7 +36,10 @@ local DEFAULTS = {
   data = here .. "/data/tinyshakespeare.txt", sample = 300, temperature = 0.8, prompt = "ROMEO:\n", threads = nil,
   plan = "default",   -- auto on N > 1 ranks, none on one
 }
-local STRINGS = {model = true, data = true, prompt = true, plan = true}
+local STRINGS = {model = true, data = true, prompt = true, plan = true, ["save-dir"] = true, resume = true, export = true}
+-- Options without a default (absent unless given).
+local OPTIONAL = {steps = true, time = true, threads = true, ["save-every"] = true, ["save-dir"] = true, resume = true,
+                  export = true, ["stop-at"] = true}
 local PLANS = {auto = true, declared = true, ddp = true, none = true, default = true}
 
 local function usage_error(msg)
@@ -41,10 +53,10 @@ local function parse_args(argv)
   local i = 1
   while i <= #argv do
     local key = argv[i]:match("^%-%-(.+)$")
-    if not key or DEFAULTS[key] == nil and key ~= "steps" and key ~= "time" and key ~= "threads" then
+    if not key or DEFAULTS[key] == nil and not OPTIONAL[key] then
       local names = {}
       for k in pairs(DEFAULTS) do names[#names + 1] = "--" .. k end
-      names[#names + 1] = "--steps"; names[#names + 1] = "--time"; names[#names + 1] = "--threads"
+      for k in pairs(OPTIONAL) do names[#names + 1] = "--" .. k end
       table.sort(names)
       usage_error(("unknown argument '%s' (valid: %s)"):format(argv[i], table.concat(names, " ")))
     end
@@ -62,6 +74,9 @@ local function parse_args(argv)
     usage_error(("--model must be gpt2 or llama, got '%s'"):format(o.model))
   end
   if not PLANS[o.plan] then usage_error(("--plan must be auto, declared, ddp or none, got '%s'"):format(o.plan)) end
+  local every = o["save-every"]
+  if every and (every < 1 or every ~= math.floor(every)) then usage_error("--save-every must be an integer >= 1") end
+  if every and not o["save-dir"] then usage_error("--save-every needs --save-dir DIR") end
   return o
 end
 
@@ -133,8 +148,8 @@ local function main(argv)
   if world > 1 and o.plan == "none" then usage_error("--plan none trains on one rank; use auto, declared or ddp") end
   local function say(...) if rank == 0 then print(...); io.stdout:flush() end end
   local src = data.from_text(o.data)
-  -- every rank draws its own windows: the same loader, seeded per rank
-  local loader = data.loader(src, {batch = o.batch, seq = o.seq, seed = o.seed + 7919 * rank})
+  -- one global order of windows: each step a global batch of world x --batch, this rank's slice of it
+  local loader = data.loader(src, {batch = o.batch, seq = o.seq, seed = o.seed, rank = rank, world = world})
   local model = build_model(o)
   local params = model:parameters()
   local nparams = 0
@@ -155,7 +170,20 @@ local function main(argv)
   local began, last_log, tokens_since, loss_sum, loss_n = now(), now(), 0, 0, 0
   local function time_lr() return by_time(math.max(1, math.floor(1e6 * (now() - began) / o.time))) end
   local step = 0
-  while true do
+  if o.resume then
+    -- the model, optimizer, schedule, random streams and data position of the saved run (any world size)
+    local res = fsdp.checkpoint.load(o.resume, {model = model, optimizer = opt, loader = loader, schedule = by_steps})
+    step = res.step
+    say(("resumed from %s at step %d (saved on %d rank%s, %s)"):format(o.resume, step, res.world_size,
+          res.world_size > 1 and "s" or "", res.mode))
+  end
+  local function save(at)
+    fsdp.checkpoint.save(o["save-dir"], {model = model, optimizer = opt, step = at, loader = loader,
+                                         schedule = by_steps, extra = {args = o}})
+    say(("saved step %d to %s"):format(at, o["save-dir"]))
+  end
+  local first = step + 1
+  while not (total and step >= total) do
     step = step + 1
     local lr
     if by_steps then lr = by_steps(step)
@@ -173,22 +201,29 @@ local function main(argv)
     tokens_since = tokens_since + o.batch * o.seq * world
     loss_sum, loss_n = loss_sum + loss, loss_n + 1
     local t = now()
-    local done = (total and step >= total) or (o.time and t - began >= o.time)
+    local done = (total and step >= total) or (o["stop-at"] and step >= o["stop-at"]) or (o.time and t - began >= o.time)
     if world > 1 then   -- the ranks' clocks differ: stop when any rank's budget is spent, all together
       local flag = fsdp.tensor({done and 1 or 0}, {dtype = "f64"})
       fsdp.dist.all_reduce(flag, {op = "max"})
       done = flag:get(0) > 0
     end
-    if step == 1 or step % o.log == 0 or done then   -- the loss printed is the mean since the last line
+    if step == first or step % o.log == 0 or done then   -- the loss printed is the mean since the last line
       local l = fsdp.tensor({loss_sum / loss_n}, {dtype = "f64"})
       if world > 1 then fsdp.dist.all_reduce(l, {op = "avg"}) end   -- over the ranks' batches
       say(("step %5d  loss %.4f  lr %.2e  %7.0f tokens/s  %6.1f s")
             :format(step, l:get(0), lr, tokens_since / (t - last_log), t - began))
       last_log, tokens_since, loss_sum, loss_n = t, 0, 0, 0
     end
+    local every = o["save-every"]
+    if o["save-dir"] and ((every and step % every == 0) or done) then save(step) end
     if done then break end
   end
-  say(("trained %d steps in %.1f s; sampling %d bytes (temperature %g):"):format(step, now() - began, o.sample, o.temperature))
+  if o.export then
+    fsdp.checkpoint.save_pretrained(model, o.export)   -- every rank writes its rows; rank 0 the headers
+    say(("exported the model to %s (Hugging Face layout)"):format(o.export))
+  end
+  say(("trained %d steps in %.1f s; sampling %d bytes (temperature %g):"):format(step - first + 1, now() - began,
+        o.sample, o.temperature))
   local text = generate(model, o)   -- every rank runs the sharded forward; rank 0 prints
   say("----")
   say(text)

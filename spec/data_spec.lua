@@ -1,5 +1,5 @@
 -- spec/data_spec.lua: the byte tokenizer, token files (write + mmap read), and the loader's documented,
--- deterministic window order.
+-- deterministic window order, also distributed (one global order, positions in global samples).
 local fsdp = require "fsdp"
 local data = require "fsdp.data"
 
@@ -168,5 +168,76 @@ describe("data.loader", function()
     assert.has_error(function() data.loader(tiny, {batch = 2, seq = 4}) end)
     assert.has_error(function() data.loader(src, {batch = 2, seq = 4, shuffle = true}) end)
     assert.has_error(function() data.loader(src, {batch = 0, seq = 4}) end)
+  end)
+end)
+
+describe("data.loader on ranks (rank =, world =)", function()
+  local src = data.TokenFile.from_tensor(data.encode(digits(10007)))
+  local function ranks(W, B, seed)
+    local t = {}
+    for r = 0, W - 1 do t[r + 1] = data.loader(src, {batch = B, seq = 10, seed = seed, rank = r, world = W}) end
+    return t
+  end
+  local function global_step(loaders)   -- the global batch: the ranks' slices in rank order
+    local out = {}
+    for _, L in ipairs(loaders) do for _, s in ipairs(L:next_starts()) do out[#out + 1] = s end end
+    return out
+  end
+
+  it("cuts one global order: rank r takes slice r of the one-process loader's batch of world x batch", function()
+    local one = data.loader(src, {batch = 8, seq = 10, seed = 3})
+    local four = ranks(4, 2, 3)
+    for _ = 1, 140 do assert.same(one:next_starts(), global_step(four)) end   -- 125 batches an epoch: crosses into 2
+    assert.equal(2, four[1].epoch)
+    assert.equal(2, one.epoch)
+  end)
+
+  it("resumes a 4 x 2 position at 2 x 4 and 8 x 1: the unseen windows of the epoch, each once", function()
+    for _, to in ipairs {{2, 4}, {8, 1}} do
+      local four = ranks(4, 2, 9)
+      local seen, count = {}, 0
+      local function see(list)
+        for _, s in ipairs(list) do
+          assert.is_nil(seen[s], ("window %d seen twice"):format(s))
+          seen[s], count = true, count + 1
+        end
+      end
+      for _ = 1, 37 do see(global_step(four)) end
+      local st = four[1]:state()
+      assert.equal(37 * 8, st.samples)
+      local cont = ranks(4, 2, 9)
+      for _, L in ipairs(cont) do L:set_state(st) end
+      local resumed = ranks(to[1], to[2], 9)
+      for _, L in ipairs(resumed) do L:set_state(st) end
+      local per_epoch = resumed[1].batches_per_epoch
+      assert.equal(four[1].batches_per_epoch, per_epoch)
+      for _ = 38, per_epoch do
+        local want = global_step(cont)
+        local got = global_step(resumed)
+        assert.same(want, got)   -- the same global samples in the same order, split another way
+        see(got)
+      end
+      assert.equal(per_epoch * 8, count)
+      assert.equal(1, resumed[1].epoch)
+    end
+  end)
+
+  it("refuses positions it cannot continue and bad rank/world, naming the numbers", function()
+    local L = data.loader(src, {batch = 2, seq = 10, seed = 1, rank = 0, world = 4})
+    for _ = 1, 3 do L:next_starts() end
+    local st = L:state()                                   -- 24 samples
+    local odd = data.loader(src, {batch = 5, seq = 10, seed = 1})
+    local ok, err = pcall(odd.set_state, odd, st)
+    assert.is_false(ok); assert.matches("24 samples of epoch 1 were consumed, not a whole number of global batches of 5", err, 1, true)
+    local other = data.loader(src, {batch = 8, seq = 12, seed = 1})
+    ok, err = pcall(other.set_state, other, st)
+    assert.is_false(ok); assert.matches("windows of 10 tokens, this loader cuts 12", err, 1, true)
+    local small = data.loader(data.TokenFile.from_tensor(data.encode(digits(5000))), {batch = 8, seq = 10, seed = 1})
+    ok, err = pcall(small.set_state, small, st)
+    assert.is_false(ok); assert.matches("a source of 10007 tokens, this loader's has 5000", err, 1, true)
+    assert.has_error(function() data.loader(src, {batch = 2, seq = 10, rank = 4, world = 4}) end)
+    assert.has_error(function() data.loader(src, {batch = 2, seq = 10, rank = 0}) end)
+    ok, err = pcall(data.loader, data.TokenFile.from_tensor(data.encode(digits(100))), {batch = 2, seq = 10, rank = 0, world = 8})
+    assert.is_false(ok); assert.matches("fewer than one global batch (8 ranks x 2) of 16", err, 1, true)
   end)
 end)

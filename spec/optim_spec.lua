@@ -318,6 +318,17 @@ describe("optim.cosine_schedule", function()
     assert.equal(f(5), opt:get_lr())
     assert.has_error(function() optim.cosine_schedule {warmup = 20, total = 10, lr = 1} end)
   end)
+
+  it("saves and restores its four numbers (state_dict / load_state_dict)", function()
+    local f = optim.cosine_schedule {warmup = 10, total = 110, lr = 1e-3, min_lr = 1e-4}
+    local s = f:state_dict()
+    assert.same({kind = "cosine", warmup = 10, total = 110, lr = 1e-3, min_lr = 1e-4}, s)
+    local g = optim.cosine_schedule {total = 5, lr = 1}
+    g:load_state_dict(s)
+    for step = 1, 120 do assert.equal(f(step), g(step)) end
+    assert.has_error(function() g:load_state_dict({kind = "linear"}) end)
+    assert.has_error(function() g:load_state_dict({kind = "cosine", warmup = 20, total = 10, lr = 1, min_lr = 0}) end)
+  end)
 end)
 
 describe("optim.clip_grad_norm", function()

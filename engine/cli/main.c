@@ -83,17 +83,55 @@ static int report(lua_State *L, int status) {
     return status;
 }
 
-/* os.exit in a job of several ranks: status 0 leaves the job cleanly (MPI finalized); any other status ends
- * every rank with it, as an uncaught error does, instead of leaving the others waiting in a collective. */
+static int docall(lua_State *L, int nargs);
+
+/* The library's exit hooks (lua/fsdp/core.lua's at_exit: an async checkpoint still being written is waited for
+ * and published), when the library was loaded at all. They run on a normal end only, while MPI is still up, since
+ * they may communicate; returns the status of the call (an error is reported like the script's own). */
+static int run_exit_hooks(lua_State *L) {
+    int top = lua_gettop(L), status = 0;
+    lua_getglobal(L, "package");
+    lua_getfield(L, -1, "loaded");
+    lua_getfield(L, -1, "fsdp.core");
+    if (lua_istable(L, -1)) {
+        lua_getfield(L, -1, "run_exit_hooks");
+        if (lua_isfunction(L, -1)) {
+            status = docall(L, 0);
+            if (status) lua_replace(L, top + 1);   /* the message, for report() */
+        }
+    }
+    lua_settop(L, top + (status ? 1 : 0));
+    return report(L, status);
+}
+
+/* os.exit in a job of several ranks: status 0 leaves the job cleanly (exit hooks run, MPI finalized); any other
+ * status ends every rank with it, as an uncaught error does, instead of leaving the others waiting in a
+ * collective. */
 static int dist_os_exit(lua_State *L) {
     int status;
     if (lua_isnoneornil(L, 1) || (lua_isboolean(L, 1) && lua_toboolean(L, 1))) status = 0;
     else if (lua_isboolean(L, 1)) status = 1;
     else status = (int)luaL_checkinteger(L, 1);
+    if (status == 0 && run_exit_hooks(L) != 0) status = 1;
     fflush(stdout);
     if (status != 0) fl_dist_abort(status, NULL);
     fl_dist_finalize();
     exit(0);
+}
+
+/* os.exit in a single process: the exit hooks run first on status 0 (true or none), then LuaJIT's own os.exit
+ * (which closes the state when asked). */
+static int single_os_exit(lua_State *L) {
+    bool ok = lua_isnoneornil(L, 1) || (lua_isboolean(L, 1) && lua_toboolean(L, 1)) ||
+              (lua_isnumber(L, 1) && lua_tointeger(L, 1) == 0);
+    if (ok && run_exit_hooks(L) != 0) {
+        lua_settop(L, 0);
+        lua_pushinteger(L, 1);
+    }
+    lua_pushvalue(L, lua_upvalueindex(1));
+    lua_insert(L, 1);
+    lua_call(L, lua_gettop(L) - 1, 0);
+    return 0;
 }
 
 static int count_cores(void) {
@@ -240,12 +278,15 @@ int main(int argc, char **argv) {
     lua_State *L = luaL_newstate();
     if (!L) { fprintf(stderr, "fsdp-lua: cannot create a Lua state\n"); return 1; }
     luaL_openlibs(L);
+    lua_getglobal(L, "os");
     if (multi_rank()) {
-        lua_getglobal(L, "os");
         lua_pushcfunction(L, dist_os_exit);
-        lua_setfield(L, -2, "exit");
-        lua_pop(L, 1);
+    } else {
+        lua_getfield(L, -1, "exit");
+        lua_pushcclosure(L, single_os_exit, 1);
     }
+    lua_setfield(L, -2, "exit");
+    lua_pop(L, 1);
 
     char dir[PATH_MAX + 64], buf[3 * PATH_MAX + 256];
     find_lua_dir(dir, sizeof dir);
@@ -282,6 +323,7 @@ int main(int argc, char **argv) {
         report(L, status);
     }
     if (!status && (interactive || (!script && nstmts == 0))) status = run_repl(L);
+    if (!status) status = run_exit_hooks(L);
     lua_close(L);   /* collects Lua's handles first: groups are released before MPI goes */
     if (fl_dist_finalize() < 0) {
         fprintf(stderr, "fsdp-lua: %s\n", fl_last_error());

@@ -35,6 +35,27 @@ ffi.cdef "int getpid(void);"
 function M.pid() return tonumber(ffi.C.getpid()) end
 function M.tmp_name(path, pid) return ("%s.tmp.%d"):format(path, pid or M.pid()) end
 
+-- Work that must finish when a script ends (an async checkpoint still being written): at_exit(name, fn) registers
+-- fn once under `name` (registering the name again replaces it); run_exit_hooks() runs them in order and forgets
+-- them. The fsdp-lua executable (engine/cli/main.c) calls it when the script returns and in os.exit(0), before
+-- MPI goes, so hooks may communicate; under plain luajit a finalizer runs it when the Lua state closes.
+local exit_hooks, exit_names = {}, {}
+function M.at_exit(name, fn)
+  local i = exit_names[name]
+  if not i then i = #exit_hooks + 1; exit_names[name] = i end
+  exit_hooks[i] = fn
+end
+function M.run_exit_hooks()
+  local hooks = exit_hooks
+  exit_hooks, exit_names = {}, {}
+  for _, fn in ipairs(hooks) do fn() end
+end
+M._exit_sentinel = newproxy(true)
+getmetatable(M._exit_sentinel).__gc = function()
+  local ok, err = pcall(M.run_exit_hooks)
+  if not ok then io.stderr:write("fsdp: at exit: ", tostring(err), "\n") end
+end
+
 -- The library's own directory: errors raised with M.raise point at the first caller outside it.
 local LIB_PREFIX = debug.getinfo(1, "S").source:match("^(@.*/)fsdp/core%.lua$") or "@lua/"
 

@@ -200,52 +200,75 @@ local Loader = {}
 Loader.__index = Loader
 M.Loader = Loader
 
--- loader(source, {batch = B, seq = T, seed = 0, epoch = 1, drop_last = true}): source is a TokenFile.
+-- loader(source, {batch = B, seq = T, seed = 0, epoch = 1, rank = r, world = W}): source is a TokenFile.
 --
--- Order. Epoch e (1-based) cuts the tokens into W = floor((n - o) / T) windows of T tokens starting at
--- o + k*T, k = 0..W-1, where the offset o = rand_int(seed, e, 0, T) (0 when n < 2T or when the offset
--- would leave fewer than B windows). The windows are
--- shuffled by a Fisher-Yates pass drawing j = rand_int(seed, e, i, i + 1) for i = W-1 down to 1 and
--- batch b (1-based) of the epoch takes windows perm[(b-1)*B + 1 .. b*B] in that order. An epoch has
--- floor(W / B) batches; then the next epoch begins. So (seed, epoch, batch index) fixes every batch.
+-- Order. The loader walks one global order of windows, in global batches of G = W * B windows (W = 1, r = 0
+-- without rank and world: one process, G = B). Epoch e (1-based) cuts the tokens into K = floor((n - o) / T)
+-- windows of T tokens starting at o + k*T, k = 0..K-1, where the offset o = rand_int(seed, e, 0, T) (0 when
+-- n < 2T or when the offset would leave fewer than G windows). The windows are shuffled by a Fisher-Yates pass
+-- drawing j = rand_int(seed, e, i, i + 1) for i = K-1 down to 1, and global batch b (1-based) of the epoch is
+-- windows perm[(b-1)*G + 1 .. b*G], of which rank r takes the contiguous slice perm[(b-1)*G + r*B + 1 ..
+-- (b-1)*G + (r+1)*B]. An epoch has floor(K / G) global batches; then the next epoch begins. So (seed, epoch,
+-- batch index) fixes every batch, and every rank of a job must pass the same seed (the order is shared).
+--
+-- Position. What a run has consumed is counted in global samples (windows) of the current epoch, which does not
+-- depend on how the global batch is split: state() gives {epoch, samples, ...} and a loader of another world size
+-- with the same global batch (4 ranks x B = 2 saved, 2 ranks x B = 4 resumed) continues with exactly the windows
+-- not yet seen, none twice.
+local LOADER_OPTS = {batch = true, seq = true, seed = true, epoch = true, rank = true, world = true}
+
+local function is_count(v, lo) return type(v) == "number" and v >= lo and v == math.floor(v) and v < 2^53 end
+
 function M.loader(source, opts)
-  opts = core.check_opts("loader", opts, {batch = true, seq = true, seed = true, epoch = true}, 2)
+  opts = core.check_opts("loader", opts, LOADER_OPTS, 2)
   if getmetatable(source) ~= TokenFile then error("loader: source must be a TokenFile (data.from_text or TokenFile.open)", 2) end
   local B, T = opts.batch, opts.seq
-  if type(B) ~= "number" or B < 1 or B ~= math.floor(B) then error("loader: batch must be an integer >= 1", 2) end
-  if type(T) ~= "number" or T < 1 or T ~= math.floor(T) then error("loader: seq must be an integer >= 1", 2) end
-  if math.floor(source.n / T) < B then
-    error(("loader: %d tokens make %d windows of %d, fewer than one batch of %d"):format(source.n, math.floor(source.n / T), T, B), 2)
+  if not is_count(B, 1) then error("loader: batch must be an integer >= 1", 2) end
+  if not is_count(T, 1) then error("loader: seq must be an integer >= 1", 2) end
+  if (opts.rank == nil) ~= (opts.world == nil) then
+    error(("loader: rank and world go together (got rank %s, world %s)"):format(tostring(opts.rank), tostring(opts.world)), 2)
   end
-  local self = setmetatable({source = source, batch = B, seq = T, seed = opts.seed or 0, epoch = opts.epoch or 1, index = 0}, Loader)
+  local W, r = opts.world or 1, opts.rank or 0
+  if not is_count(W, 1) then error(("loader: world must be an integer >= 1, got %s"):format(tostring(W)), 2) end
+  if not is_count(r, 0) or r >= W then
+    error(("loader: rank must be an integer in [0, world = %d), got %s"):format(W, tostring(r)), 2)
+  end
+  local G = W * B
+  if math.floor(source.n / T) < G then
+    error(("loader: %d tokens make %d windows of %d, fewer than one %s of %d"):format(source.n, math.floor(source.n / T),
+          T, W > 1 and ("global batch (%d ranks x %d)"):format(W, B) or "batch", G), 2)
+  end
+  local self = setmetatable({source = source, batch = B, seq = T, seed = opts.seed or 0, epoch = opts.epoch or 1,
+                             index = 0, rank = r, world = W, global_batch = G}, Loader)
   self:_plan()
   return self
 end
 
 function Loader:_plan()
-  local n, T, B = self.source.n, self.seq, self.batch
+  local n, T, G = self.source.n, self.seq, self.global_batch
   local o = n >= 2 * T and rand_int(self.seed, self.epoch, 0, T) or 0
-  if math.floor((n - o) / T) < B then o = 0 end   -- keep at least one batch per epoch
-  local W = math.floor((n - o) / T)
+  if math.floor((n - o) / T) < G then o = 0 end   -- keep at least one global batch per epoch
+  local K = math.floor((n - o) / T)
   local perm = {}
-  for k = 1, W do perm[k] = k - 1 end
-  for i = W - 1, 1, -1 do
+  for k = 1, K do perm[k] = k - 1 end
+  for i = K - 1, 1, -1 do
     local j = rand_int(self.seed, self.epoch, i, i + 1)
     perm[i + 1], perm[j + 1] = perm[j + 1], perm[i + 1]
   end
-  self.offset, self.windows, self.perm = o, W, perm
-  self.batches_per_epoch = math.floor(W / B)
+  self.offset, self.windows, self.perm = o, K, perm
+  self.batches_per_epoch = math.floor(K / G)
 end
 
--- Window starts (0-based token offsets) of the next batch, without building tensors.
+-- Window starts (0-based token offsets) of this rank's part of the next global batch, without building tensors.
 function Loader:next_starts()
   if self.index >= self.batches_per_epoch then
     self.epoch, self.index = self.epoch + 1, 0
     self:_plan()
   end
   local starts = {}
+  local base = self.index * self.global_batch + self.rank * self.batch
   for r = 1, self.batch do
-    starts[r] = self.offset + self.perm[self.index * self.batch + r] * self.seq
+    starts[r] = self.offset + self.perm[base + r] * self.seq
   end
   self.index = self.index + 1
   return starts
@@ -269,16 +292,47 @@ function Loader:next()
   return {input_ids = x, labels = y}
 end
 
--- Resumable position: {epoch, index} (index = batches already taken in this epoch).
-function Loader:state() return {epoch = self.epoch, index = self.index, seed = self.seed} end
+-- Resumable position: {epoch =, samples = global samples consumed in this epoch, index = global batches taken in
+-- it, seed =, seq =, tokens = the source's length, global_batch =, offset = the epoch's window offset}. JSON-able.
+function Loader:state()
+  return {epoch = self.epoch, index = self.index, samples = self.index * self.global_batch, seed = self.seed,
+          seq = self.seq, tokens = self.source.n, global_batch = self.global_batch, offset = self.offset}
+end
 
+-- set_state(s): s from state(), of this loader or of one with another world size. With `samples`, the position is
+-- global: samples must be a whole number of this loader's global batches, and the windows must be the same (seq,
+-- tokens and the epoch's offset, when the state has them); otherwise {epoch =, index =} counts batches. The
+-- state's seed, when given, becomes the loader's (the order is the seed's).
 function Loader:set_state(s)
-  if type(s) ~= "table" or type(s.epoch) ~= "number" or type(s.index) ~= "number" then
-    error("Loader:set_state: expected {epoch = n, index = n}", 2)
+  if type(s) ~= "table" or type(s.epoch) ~= "number" or (type(s.index) ~= "number" and type(s.samples) ~= "number") then
+    error("Loader:set_state: expected {epoch = n, samples = n} or {epoch = n, index = n}", 2)
   end
+  if s.seq ~= nil and s.seq ~= self.seq then
+    error(("Loader:set_state: the state is of windows of %d tokens, this loader cuts %d"):format(s.seq, self.seq), 2)
+  end
+  if s.tokens ~= nil and s.tokens ~= self.source.n then
+    error(("Loader:set_state: the state is of a source of %d tokens, this loader's has %d"):format(s.tokens, self.source.n), 2)
+  end
+  local index = s.index
+  if s.samples ~= nil then
+    if s.samples % self.global_batch ~= 0 then
+      error(("Loader:set_state: %d samples of epoch %d were consumed, not a whole number of global batches of %d "
+             .. "(%d ranks x %d); resume with a global batch that divides it"):format(s.samples, s.epoch,
+             self.global_batch, self.world, self.batch), 2)
+    end
+    index = s.samples / self.global_batch
+  end
+  local seed, epoch, old_index = self.seed, self.epoch, self.index
   self.seed = s.seed or self.seed
-  self.epoch, self.index = s.epoch, s.index
+  self.epoch, self.index = s.epoch, index
   self:_plan()
+  if s.offset ~= nil and s.offset ~= self.offset then
+    local got = self.offset
+    self.seed, self.epoch, self.index = seed, epoch, old_index
+    self:_plan()
+    error(("Loader:set_state: epoch %d's windows start at offset %d in the state but at %d with a global batch of %d")
+          :format(s.epoch, s.offset, got, self.global_batch), 2)
+  end
 end
 
 return M

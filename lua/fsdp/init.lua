@@ -70,6 +70,7 @@ local lazy = {
   safetensors = "fsdp.safetensors", autograd = "fsdp.autograd",
   ddp = "fsdp.parallel.ddp",   -- the function itself: fsdp.ddp(model, {mesh =, bucket_cap_mb =})
   parallel = "fsdp.parallel",
+  checkpoint = "fsdp.checkpoint",   -- save / load / wait (training checkpoints), save_pretrained / from_pretrained
 }
 setmetatable(fsdp, {__index = function(t, k)
   local mod = lazy[k]

@@ -305,23 +305,50 @@ end
 
 -- ---- schedules ----
 
--- cosine_schedule{warmup = W, total = N, lr = peak, min_lr = 0} returns f(step) -> lr for 1-based steps:
--- linear warmup lr * step / W for step <= W, then min_lr + (lr - min_lr) * (1 + cos(pi * t)) / 2 with
--- t = (step - W) / (N - W), and min_lr after step N.
-function M.cosine_schedule(opts)
-  opts = core.check_opts("cosine_schedule", opts, {warmup = true, total = true, lr = true, min_lr = true}, 2)
-  local warmup, total, lr, min_lr = opts.warmup or 0, opts.total, opts.lr, opts.min_lr or 0
-  if type(total) ~= "number" or total < 1 then error("cosine_schedule: total must be a number >= 1", 2) end
-  if type(lr) ~= "number" then error("cosine_schedule: lr must be a number", 2) end
+-- cosine_schedule{warmup = W, total = N, lr = peak, min_lr = 0} returns a schedule f, called as f(step) -> lr for
+-- 1-based steps: linear warmup lr * step / W for step <= W, then min_lr + (lr - min_lr) * (1 + cos(pi * t)) / 2 with
+-- t = (step - W) / (N - W), and min_lr after step N. The lr is a pure function of the step, so the schedule's state
+-- is its four numbers: f:state_dict() -> {kind = "cosine", warmup =, total =, lr =, min_lr =} and
+-- f:load_state_dict(s) takes them back (training checkpoints save and restore them; the step is saved beside).
+local COSINE_OPTS = {warmup = true, total = true, lr = true, min_lr = true}
+local Cosine = {}
+Cosine.__index = Cosine
+
+local function cosine_check(what, warmup, total, lr, min_lr)
+  if type(total) ~= "number" or total < 1 then core.raise(what .. ": total must be a number >= 1") end
+  if type(lr) ~= "number" then core.raise(what .. ": lr must be a number") end
+  if type(min_lr) ~= "number" then core.raise(what .. ": min_lr must be a number") end
   if type(warmup) ~= "number" or warmup < 0 or warmup > total then
-    error(("cosine_schedule: warmup must be in [0, total=%d], got %s"):format(total, tostring(warmup)), 2)
+    core.raise(("%s: warmup must be in [0, total=%d], got %s"):format(what, total, tostring(warmup)))
   end
-  return function(step)
-    if warmup > 0 and step <= warmup then return lr * step / warmup end
-    if step >= total then return min_lr end
-    local t = (step - warmup) / (total - warmup)
-    return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * t))
+end
+
+function M.cosine_schedule(opts)
+  opts = core.check_opts("cosine_schedule", opts, COSINE_OPTS, 2)
+  local warmup, min_lr = opts.warmup or 0, opts.min_lr or 0
+  cosine_check("cosine_schedule", warmup, opts.total, opts.lr, min_lr)
+  return setmetatable({warmup = warmup, total = opts.total, lr = opts.lr, min_lr = min_lr}, Cosine)
+end
+
+function Cosine.__call(self, step)
+  local warmup, total, lr, min_lr = self.warmup, self.total, self.lr, self.min_lr
+  if warmup > 0 and step <= warmup then return lr * step / warmup end
+  if step >= total then return min_lr end
+  local t = (step - warmup) / (total - warmup)
+  return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * t))
+end
+
+function Cosine:state_dict()
+  return {kind = "cosine", warmup = self.warmup, total = self.total, lr = self.lr, min_lr = self.min_lr}
+end
+
+function Cosine:load_state_dict(s)
+  if type(s) ~= "table" or s.kind ~= "cosine" then
+    core.raise(("cosine_schedule.load_state_dict: expected the state of a cosine schedule, got %s")
+               :format(type(s) == "table" and ("kind " .. tostring(s.kind)) or type(s)))
   end
+  cosine_check("cosine_schedule.load_state_dict", s.warmup, s.total, s.lr, s.min_lr)
+  self.warmup, self.total, self.lr, self.min_lr = s.warmup, s.total, s.lr, s.min_lr
 end
 
 -- ---- clipping ----

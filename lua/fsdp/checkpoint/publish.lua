@@ -109,15 +109,20 @@ local function swap_in(stage, target, owns, what)
   for _, name in ipairs(subdirs) do os.rename(stage .. "/" .. name, target .. "/" .. name) end
 end
 
--- write_dir(dir, {what =, collective =, owns = function(name) -> bool}, phases): runs each phase(stage) in turn on
--- every rank (all ranks of the job when collective); a phase writes files into the staging directory `stage` and
--- returns the paths this rank wrote, which it fsyncs. Between phases the ranks agree that all succeeded (so rank 0
--- can create the files that the others then write rows into). Then rank 0 publishes. `owns(name)` says which names
--- of an existing `dir` belong to the checkpoint (replaced); the rest are kept. If any rank fails, every rank
--- raises (the failing one its own error), `dir` is unchanged and the staging directory removed.
-function M.write_dir(dir, opts, phases)
+-- begin(dir, {what =, collective =, owns = function(name) -> bool}) -> a transaction: rank 0 (the only process
+-- when not collective) makes the staging directory txn.stage and all ranks agree that it exists. Then, in order:
+--   txn:phase(fn)     every rank runs fn(stage), which writes files into the staging directory and returns the paths
+--                     this rank wrote; they are fsynced and the ranks agree that all succeeded;
+--   txn:agree(ok, err) the agreement alone, for work done elsewhere (a background writer that fsynced itself);
+--   txn:commit()      rank 0 publishes (atomic swap), and the ranks agree that it did.
+-- Each step is collective (all ranks of the job when collective) and runs on the caller's thread. If any rank
+-- fails, every rank raises (the failing one its own error), `dir` is unchanged and the staging directory removed.
+-- `owns(name)` says which names of an existing `dir` belong to the checkpoint (replaced); the rest are kept.
+local Txn = {}
+Txn.__index = Txn
+
+function M.begin(dir, opts)
   local what, collective = opts.what, opts.collective and true or false
-  local owns = opts.owns or function() return true end
   local parent, base, target = split_path(dir)
   local leader = not collective or dist().rank() == 0
   local stage = stage_name(parent, base, collective)
@@ -131,23 +136,43 @@ function M.write_dir(dir, opts, phases)
     end)
   end
   agree(ok, err, collective, what, target)
-  local function cleanup() if leader then C.fl_remove_tree(stage) end end
-  for _, phase in ipairs(phases) do
+  return setmetatable({what = what, collective = collective, owns = opts.owns or function() return true end,
+                       parent = parent, target = target, stage = stage, leader = leader}, Txn)
+end
+
+function Txn:agree(ok, err)
+  agree(ok, err, self.collective, self.what, self.target, function()
+    if self.leader then C.fl_remove_tree(self.stage) end
+  end)
+end
+
+function Txn:phase(fn)
+  local ok, err = pcall(function()
+    for _, path in ipairs(fn(self.stage) or {}) do check(C.fl_file_sync(path), self.what) end
+  end)
+  self:agree(ok, err)
+end
+
+function Txn:commit()
+  local ok, err = true, nil
+  if self.leader then
     ok, err = pcall(function()
-      for _, path in ipairs(phase(stage) or {}) do check(C.fl_file_sync(path), what) end
+      check(C.fl_dir_sync(self.stage), self.what)
+      swap_in(self.stage, self.target, self.owns, self.what)
+      check(C.fl_remove_tree(self.stage), self.what)   -- the old checkpoint, now at the staging name
+      check(C.fl_dir_sync(self.parent), self.what)
     end)
-    agree(ok, err, collective, what, target, cleanup)
+    if not ok then C.fl_remove_tree(self.stage) end
   end
-  if leader then
-    ok, err = pcall(function()
-      check(C.fl_dir_sync(stage), what)
-      swap_in(stage, target, owns, what)
-      check(C.fl_remove_tree(stage), what)   -- the old checkpoint, now at the staging name
-      check(C.fl_dir_sync(parent), what)
-    end)
-    if not ok then cleanup() end
-  end
-  agree(ok, err, collective, what, target)
+  agree(ok, err, self.collective, self.what, self.target)
+end
+
+-- write_dir(dir, {what =, collective =, owns =}, phases): begin, each phase(stage) in turn (between phases the
+-- ranks agree that all succeeded, so rank 0 can create the files that the others then write rows into), commit.
+function M.write_dir(dir, opts, phases)
+  local txn = M.begin(dir, opts)
+  for _, phase in ipairs(phases) do txn:phase(phase) end
+  txn:commit()
 end
 
 return M
