@@ -39,7 +39,11 @@ from transformers import AutoModelForCausalLM, GPT2LMHeadModel, LlamaForCausalLM
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from make_fixtures import B, INPUT_SEED, MODEL_SEED, T, gpt2_config, llama_config  # noqa: E402
+from make_fixtures import (B, INPUT_SEED, MODEL_SEED, T, gpt2_config, llama_config, mistral_config,  # noqa: E402
+                           mixtral_config, phi3_config, qwen2_config, qwen2_moe_config, qwen3_config,
+                           qwen3_moe_config)
+from transformers import (MistralForCausalLM, MixtralForCausalLM, Phi3ForCausalLM, Qwen2ForCausalLM,  # noqa: E402
+                          Qwen2MoeForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM)
 
 DEFAULT_OUT = os.path.normpath(os.path.join(HERE, "..", "fixtures", "hf"))
 MAX_SHARD_SIZE = "20KB"
@@ -49,16 +53,27 @@ PERTURB_SCALE = 0.05
 MODELS = [("gpt2", GPT2LMHeadModel, gpt2_config), ("llama", LlamaForCausalLM, llama_config)]
 DTYPES = [("f32", torch.float32), ("bf16", torch.bfloat16)]
 LAYOUTS = ["single", "indexed"]
+# The other architectures get two checkpoints each, which between them cover tying, both dtypes and both layouts:
+# untied f32 in one file, and tied bf16 indexed.
+EXTRA = [("mistral", MistralForCausalLM, mistral_config), ("qwen2", Qwen2ForCausalLM, qwen2_config),
+         ("qwen3", Qwen3ForCausalLM, qwen3_config), ("phi3", Phi3ForCausalLM, phi3_config),
+         ("mixtral", MixtralForCausalLM, mixtral_config), ("qwen2_moe", Qwen2MoeForCausalLM, qwen2_moe_config),
+         ("qwen3_moe", Qwen3MoeForCausalLM, qwen3_moe_config)]
+EXTRA_COMBOS = [(False, "f32", torch.float32, "single"), (True, "bf16", torch.bfloat16, "indexed")]
 
 
 def checkpoints():
-    """(name, model_type, class, make_config, tied, dtype name, torch dtype, layout) for every combination."""
+    """(name, model_type, class, make_config, tied, dtype name, torch dtype, layout) for every checkpoint."""
     for model_type, cls, make_config in MODELS:
         for tied in (True, False):
             for dname, dtype in DTYPES:
                 for layout in LAYOUTS:
                     name = f"{model_type}_{'tied' if tied else 'untied'}_{dname}_{layout}"
                     yield name, model_type, cls, make_config, tied, dname, dtype, layout
+    for model_type, cls, make_config in EXTRA:
+        for tied, dname, dtype, layout in EXTRA_COMBOS:
+            name = f"{model_type}_{'tied' if tied else 'untied'}_{dname}_{layout}"
+            yield name, model_type, cls, make_config, tied, dname, dtype, layout
 
 
 def build_model(cls, config, dtype):

@@ -44,7 +44,8 @@ end
 
 local function load(ckpt, plan_name)
   if plan_name == "none" then return fsdp.models.from_pretrained(ckpt) end
-  local plan = plan_name == "manual" and assert(MANUAL[model_type_of(ckpt)], "no manual plan for " .. ckpt) or plan_name
+  -- every Llama-family model (Mistral, Qwen, Phi-3, the MoE models) has Llama's module names
+  local plan = plan_name == "manual" and (MANUAL[model_type_of(ckpt)] or MANUAL.llama) or plan_name
   return fsdp.models.from_pretrained(ckpt, {fsdp_plan = plan})
 end
 
