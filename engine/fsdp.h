@@ -244,6 +244,10 @@ fl_tensor *fl_rope(const fl_tensor *x, const fl_tensor *pos, double theta, int32
  * allowed, last dim contiguous), nH a multiple of nKV (query head h uses kv head h / (nH/nKV)).
  * window > 0 limits keys to i - window < j <= i. Returns [B, T, nH, hd] contiguous. */
 fl_tensor *fl_attention(const fl_tensor *q, const fl_tensor *k, const fl_tensor *v, double scale, int64_t window);
+/* Generation: queries at cache positions q_start.. over a key/value cache k, v [B, Tk, nKV, hd] (causal in cache
+ * positions, an optional window, valid u8/bool [B, >= Tk] marking real (non-padding) keys, or NULL); no autograd. */
+fl_tensor *fl_attention_cached(const fl_tensor *q, const fl_tensor *k, const fl_tensor *v, double scale,
+                               int64_t q_start, int64_t window, const fl_tensor *valid);
 /* The same with dropout on the attention probabilities, as torch eager: out = dropout_p(softmax(scale QK^T + mask)) V.
  * Probability (b, h, i, j) is kept iff the uniform (32 bits) of element ((b nH + h) T + i) T + j of the stream
  * (seed, key) is >= p; kept values times 1/(1-p). The mask is regenerated in backward, never stored, and depends

@@ -102,41 +102,24 @@ local function build_model(o)
   return model
 end
 
--- Softmax sampling over the last position's logits (temperature 0: argmax).
-local function sample_next(logits_row, temperature)
-  local best, bi = -math.huge, 1
-  for i = 1, #logits_row do if logits_row[i] > best then best, bi = logits_row[i], i end end
-  if temperature <= 0 then return bi - 1 end
-  local w, total = {}, 0
-  for i = 1, #logits_row do
-    w[i] = math.exp((logits_row[i] - best) / temperature)
-    total = total + w[i]
-  end
-  local r = math.random() * total
-  for i = 1, #w do
-    r = r - w[i]
-    if r <= 0 then return i - 1 end
-  end
-  return #w - 1
-end
-
+-- Samples --sample bytes after --prompt with model:generate (KV cache; temperature 0: greedy). The model sees at
+-- most --seq positions, so a long sample is made in windows: each new window starts from the last seq/2 tokens.
 local function generate(model, o)
-  math.randomseed(o.seed)
   local ids = data.encode(o.prompt):totable()
-  return fsdp.no_grad(function()
-    for _ = 1, o.sample do
-      local lo = math.max(1, #ids - o.seq + 1)
-      local ctx = {}
-      for i = lo, #ids do ctx[#ctx + 1] = ids[i] end
-      local x = fsdp.tensor({ctx}, {dtype = "i64"})
-      local out = model(x)
-      local T = #ctx
-      local last = out.logits:narrow(2, T, 1):contiguous():totable()
-      out.logits:free(); x:free()
-      ids[#ids + 1] = sample_next(last, o.temperature)
-    end
-    return data.decode(ids)
-  end)
+  local want, window = #ids + o.sample, 0
+  while #ids < want do
+    local keep = math.min(#ids, math.max(1, math.floor(o.seq / 2)))
+    local ctx = {}
+    for i = #ids - keep + 1, #ids do ctx[#ctx + 1] = ids[i] end
+    local n = math.min(want - #ids, o.seq - #ctx)
+    window = window + 1
+    local out = model:generate(fsdp.tensor({ctx}, {dtype = "i64"}), {max_new_tokens = n, eos_token_id = {},
+      temperature = o.temperature > 0 and o.temperature or nil, seed = o.seed * 1000 + window})
+    local row = out:totable()
+    for j = #ctx + 1, #row do ids[#ids + 1] = row[j] end
+    out:free()
+  end
+  return data.decode(ids)
 end
 
 local function main(argv)

@@ -326,6 +326,7 @@ def make_model_fixture(out_root, name, cls, make_config, perturb=False):
         out["after3." + n] = f32(p)
 
     save_file(out, os.path.join(d, "expected.safetensors"), metadata={"format": "pt"})
+    make_generate_fixture(d, cls)
 
     meta = {
         "config_name": name,
@@ -347,6 +348,42 @@ def make_model_fixture(out_root, name, cls, make_config, perturb=False):
         f.write("\n")
     print(f"{name}: loss={float(out['loss']):.6f} adamw_losses={[round(x, 6) for x in losses]} "
           f"params={len(names)} tensors={len(out)}")
+
+
+GEN_NEW = 8
+
+
+def make_generate_fixture(d, cls):
+    """generate.safetensors: transformers' greedy generate (do_sample=False, no eos) of the saved model on a batch
+    whose second row is left-padded, with the smallest top-1 / top-2 logit margin seen (a margin near 0 would make
+    the greedy tokens depend on rounding)."""
+    from transformers import GenerationConfig
+    model = cls.from_pretrained(d, attn_implementation="eager", dtype=torch.float32)
+    model.eval()
+    model.config.output_router_logits = False   # MoE: transformers' generate cannot concatenate them across steps
+    # plain greedy for exactly GEN_NEW tokens: no eos anywhere (min_new_tokens would instead forbid the config's eos
+    # token, which is not greedy decoding)
+    model.config.eos_token_id = None
+    model.generation_config.eos_token_id = None
+    V = model.config.vocab_size
+    gen = torch.Generator().manual_seed(INPUT_SEED + 1)
+    ids = torch.randint(1, V, (2, 6), generator=gen, dtype=torch.int64)
+    mask = torch.ones_like(ids)
+    ids[1, :2] = 0
+    mask[1, :2] = 0
+    gc = GenerationConfig(max_new_tokens=GEN_NEW, do_sample=False, eos_token_id=None,
+                          pad_token_id=0, bos_token_id=None, output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        res = model.generate(input_ids=ids, attention_mask=mask, generation_config=gc)
+    margin = float("inf")
+    for sc in res.scores:
+        top2 = torch.topk(sc.float(), 2, dim=-1).values
+        margin = min(margin, float((top2[:, 0] - top2[:, 1]).min()))
+    assert res.sequences.shape == (2, 6 + GEN_NEW), res.sequences.shape
+    save_file({"input_ids": ids, "attention_mask": mask, "sequences": res.sequences.contiguous(),
+               "min_margin": torch.tensor(margin, dtype=torch.float32)},
+              os.path.join(d, "generate.safetensors"), metadata={"format": "pt"})
+    print(f"  generate: {res.sequences.tolist()} min margin {margin:.3g}")
 
 
 def grad_of(fn, inputs, dy):
@@ -492,6 +529,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=DEFAULT_OUT, help="fixtures root (default: spec/fixtures)")
     ap.add_argument("--only", nargs="*", help="subset of fixture names (and/or 'ops')")
+    ap.add_argument("--generate-only", action="store_true",
+                    help="only (re)write generate.safetensors of the existing model fixtures")
     args = ap.parse_args()
     torch.set_num_threads(1)  # determinism across machines
     torch.use_deterministic_algorithms(True)
@@ -501,7 +540,12 @@ def main():
     for name, cls, mk, perturb in CONFIGS:
         if args.only and name not in args.only:
             continue
-        make_model_fixture(args.out, name, cls, mk, perturb)
+        if args.generate_only:
+            make_generate_fixture(os.path.join(args.out, name), cls)
+        else:
+            make_model_fixture(args.out, name, cls, mk, perturb)
+    if args.generate_only:
+        return 0
     if not args.only or "ops" in args.only:
         make_ops_fixture(args.out)
     return 0

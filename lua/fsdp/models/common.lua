@@ -8,7 +8,9 @@ local ops    = require "fsdp.nn.ops"
 
 local M = {}
 
-M.FORWARD_OPTS = {labels = true}
+-- labels: the loss; cache: a generation cache (fsdp/generate.lua) the attention reads and extends; last_only:
+-- logits of the last position only (generation needs no others).
+M.FORWARD_OPTS = {labels = true, cache = true, last_only = true}
 
 -- targets[b, t] = labels[b, t+1], and -100 at t = T-1: the model shifts labels, not input_ids. Empty sequences
 -- (T = 0) have no targets: the loss is then a mean over nothing, NaN, as in transformers.
@@ -61,7 +63,11 @@ end
 function M.causal_lm_forward(self, class_name, base, input_ids, opts)
   opts = core.check_opts(class_name, opts, M.FORWARD_OPTS, 3)
   M.check_ids(class_name, input_ids)
-  local h = base(input_ids)
+  local h = base(input_ids, opts.cache)
+  if opts.last_only then
+    local last = basic.narrow(h, 2, h:size(2), 1); h:free()
+    h = last
+  end
   local logits = self.lm_head(h); h:free()
   local loss
   if opts.labels then loss = M.causal_lm_loss(logits, opts.labels) end

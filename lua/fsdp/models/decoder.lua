@@ -183,9 +183,9 @@ function M.make(traits)
     return h
   end
 
-  function Layer:forward(x, pos)
+  function Layer:forward(x, pos, cache)
     local a = self.input_layernorm(x)
-    local h = residual(x, self.self_attn(a, pos), self.resid_attn_dropout); a:free()
+    local h = residual(x, self.self_attn(a, pos, cache), self.resid_attn_dropout); a:free()
     local m = self.post_attention_layernorm(h)
     local out = residual(h, self[self.ffn_name](m), self.resid_mlp_dropout); m:free(); h:free()
     return out
@@ -202,20 +202,21 @@ function M.make(traits)
     return self
   end
 
-  function Base:forward(input_ids)
+  function Base:forward(input_ids, cache)
     local x = self.embed_tokens(input_ids)
-    x = common.run_blocks(self.layers, x, nil)   -- positions 0..T-1
+    x = common.run_blocks(self.layers, x, nil, cache)   -- positions 0..T-1, or the cache's
     local out = self.norm(x); x:free()
     return out
   end
 
   local lm_name = traits.prefix .. "ForCausalLM"
   if traits.moe then
-    local MOE_OPTS = {labels = true, output_router_logits = true}
+    local MOE_OPTS = {labels = true, output_router_logits = true, cache = true, last_only = true}
     function LM:forward(input_ids, opts)
       opts = core.check_opts(lm_name, opts, MOE_OPTS, 2)
       local cfg = self.config
-      local out = common.causal_lm_forward(self, lm_name, self.model, input_ids, {labels = opts.labels})
+      local out = common.causal_lm_forward(self, lm_name, self.model, input_ids, {labels = opts.labels,
+                                           cache = opts.cache, last_only = opts.last_only})
       local want = opts.output_router_logits
       if want == nil then want = cfg.output_router_logits end
       local blocks = {}
@@ -241,6 +242,8 @@ function M.make(traits)
       return common.causal_lm_forward(self, lm_name, self.model, input_ids, opts)
     end
   end
+
+  LM.generate = function(self, ids, opts) return require("fsdp.generate").generate(self, ids, opts) end
 
   local function build(cfg, o)
     local self = Module.init(setmetatable({}, LM))

@@ -89,9 +89,9 @@ function Block.new(cfg, i, o)
 end
 
 -- x + attn(ln_1(x)), then + mlp(ln_2(.)); the residual sums are the only activations kept between blocks.
-function Block:forward(x)
+function Block:forward(x, cache)
   local a = self.ln_1(x)
-  local o = self.attn(a); a:free()
+  local o = self.attn(a, cache); a:free()
   local h = ops.add(x, o); o:free()
   local m = self.ln_2(h)
   local f = self.mlp(m); m:free()
@@ -116,19 +116,24 @@ function Base.new(cfg, o)
   return self
 end
 
-function Base:forward(input_ids)
+function Base:forward(input_ids, cache)
   local T = input_ids:size(2)
   if T > self.n_positions then
     core.raise(("GPT2Model: sequence length %d exceeds n_positions %d"):format(T, self.n_positions))
   end
-  local pos_ids = Tensor.arange(0, T, {dtype = "i64"})
   local tok = self.wte(input_ids)          -- [B, T, H]
-  local pos = self.wpe(pos_ids)            -- [T, H], broadcast over B
-  pos_ids:free()
+  local pos
+  if cache then
+    pos = self.wpe(cache.pos)              -- [B, T, H]: each row's own positions (generation)
+  else
+    local pos_ids = Tensor.arange(0, T, {dtype = "i64"})
+    pos = self.wpe(pos_ids)                -- [T, H], broadcast over B
+    pos_ids:free()
+  end
   local x = ops.add(tok, pos); tok:free(); pos:free()
   local d = self.drop(x)
   if d ~= x then x:free(); x = d end
-  x = common.run_blocks(self.h, x)
+  x = common.run_blocks(self.h, x, cache)
   local out = self.ln_f(x); x:free()
   return out
 end
@@ -138,6 +143,8 @@ local LM = Module.class("GPT2LMHeadModel")
 function LM:forward(input_ids, opts)
   return common.causal_lm_forward(self, "GPT2LMHeadModel", self.transformer, input_ids, opts)
 end
+
+function LM:generate(ids, opts) return require("fsdp.generate").generate(self, ids, opts) end
 
 -- Builds the module tree on opts.device (models/init.lua builds on meta and materialises).
 function M.build(cfg, o)

@@ -82,8 +82,9 @@ function Attention:project(x, B, T)
   return qh, kh, vh
 end
 
--- x [B, T, H]; pos: optional i64 [T] positions (default 0..T-1) -> [B, T, H]
-function Attention:forward(x, pos)
+-- x [B, T, H]; pos: optional i64 [T] positions (default 0..T-1); cache: generation (fsdp/generate.lua): the
+-- positions are the cache's, k and v join it, the queries attend over it -> [B, T, H]
+function Attention:forward(x, pos, cache)
   local xp = x._p
   local B, T = tonumber(xp.shape[0]), tonumber(xp.shape[1])
   local nh, hd = self.num_heads, self.head_dim
@@ -92,6 +93,15 @@ function Attention:forward(x, pos)
     local qn, kn = self.q_norm(qh), self.k_norm(kh)
     qh:free(); kh:free()
     qh, kh = qn, kn
+  end
+  if cache then
+    local qr = cache:rope(qh, self.rope_theta, self.rotary_dim); qh:free()
+    local kr = cache:rope(kh, self.rope_theta, self.rotary_dim); kh:free()
+    local o = cache:attend(self, qr, kr, vh, self.scale, self.window)
+    qr:free(); kr:free(); vh:free()
+    local merged = basic.view(o, {B, T, nh * hd}); o:free()
+    local out = self.o_proj(merged); merged:free()
+    return out
   end
   local qr = ops.rope(qh, pos, self.rope_theta, self.rotary_dim); qh:free()
   local kr = ops.rope(kh, pos, self.rope_theta, self.rotary_dim); kh:free()

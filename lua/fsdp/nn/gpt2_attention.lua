@@ -37,8 +37,8 @@ function GPT2Attention.new(hidden, opts)
   return self
 end
 
--- x [B, T, H] -> [B, T, H]
-function GPT2Attention:forward(x)
+-- x [B, T, H] -> [B, T, H]; cache: generation (fsdp/generate.lua): k and v join it, the queries attend over it
+function GPT2Attention:forward(x, cache)
   local xp = x._p
   local B, T = tonumber(xp.shape[0]), tonumber(xp.shape[1])
   local nh, hd = self.n_head, self.head_dim
@@ -51,7 +51,9 @@ function GPT2Attention:forward(x)
   heads:free()
   local drop = self.attn_dropout
   local p = drop.training and drop.p or 0
-  local o = ops.attention(q, k, v, self.scale, 0, p, drop.seed, p > 0 and keys.next() or 0)  -- [B, T, nH, hd] contiguous
+  local o
+  if cache then o = cache:attend(self, q, k, v, self.scale, 0)
+  else o = ops.attention(q, k, v, self.scale, 0, p, drop.seed, p > 0 and keys.next() or 0) end  -- [B, T, nH, hd]
   q:free(); k:free(); v:free()
   local merged = basic.view(o, {B, T, nh * hd})
   o:free()
