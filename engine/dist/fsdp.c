@@ -506,9 +506,19 @@ static int finish_reduce(fl_fsdp_unit *u) {
     size_t es = esize(u->reduce_dtype);
     for (int32_t i = 0; rc == FL_OK && i < u->n; i++) {
         fsdp_param *p = &u->p[i];
-        if (p->nrows == 0) continue;
         int64_t cnt = p->nrows * p->row_numel;
         fl_tensor *g = p->shard->grad;
+        if (p->nrows == 0) {
+            /* an empty shard (fewer rows than ranks) gets an empty gradient: its optimizer steps with the others',
+             * so every rank's state (AdamW's step) stays the same and reshards */
+            if (!g) {
+                if (!(g = fl_tensor_empty(p->shard->ndim, p->shard->shape, FL_F32, FL_CPU))) { rc = FL_ENOMEM; break; }
+                fl_tensor_set_category(g, FL_MEM_GRAD);
+                fl_tensor_set_grad(p->shard, g);
+                fl_tensor_release(g);
+            }
+            continue;
+        }
         if (!g) {
             g = fl_tensor_empty(p->shard->ndim, p->shard->shape, FL_F32, FL_CPU);
             if (!g) { rc = FL_ENOMEM; break; }

@@ -124,7 +124,8 @@ end
 
 -- Every other registered model (models/init.lua's registry), tied and untied, joins the matrix by its tiny config
 -- alone: at 2 and 3 ranks the auto plan and a manual plan with the feed-forward (MLP or MoE block) as a nested
--- unit are bit-identical to DDP; the auto plan matches one rank; mixed precision and dropout at 2 ranks. MoE
+-- unit are bit-identical to DDP; the auto plan matches one rank; mixed precision, dropout and gradient
+-- accumulation at 2 ranks. MoE
 -- models compare with one rank without the load-balancing loss (aux=0): each rank's aux loss is over its own
 -- tokens, as in transformers under DDP, which one rank with the whole batch does not reproduce.
 local OTHERS = {}
@@ -147,9 +148,10 @@ for _, mt in ipairs(OTHERS) do
         end)
       end
       if tie == "untied" then
-        it("mixed precision and dropout 0.1 at 2 ranks are bit-identical to DDP's", function()
+        it("mixed precision, dropout 0.1 and 2 accumulation micro-steps at 2 ranks are bit-identical to DDP's", function()
           compare(run(2, model, "mp"), run(2, model, "ddp_mp"), EXACT, "mp vs ddp mp")
           compare(run(2, model, "auto", "0.1"), run(2, model, "ddp", "0.1"), EXACT, "auto vs ddp, dropout 0.1")
+          compare(run(2, model, "accum"), run(2, model, "ddp_accum"), EXACT, "accum vs ddp accum")
         end)
       end
     end)

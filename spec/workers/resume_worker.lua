@@ -12,7 +12,7 @@
 --                  while the background write is held back by FSDP_CHECKPOINT_TEST_WRITE_DELAY)
 --   phase=badload  loads CKPT/<model> and reports the error every rank raised
 --   mode=plain|ddp|fsdp  plan=auto|declared|manual  mesh=none|hsdp (dp_replicate 2 x dp_shard world/2)
---   models=gpt2,llama  steps=6  save_at=3  batch=<per rank>  dropout=1|0  suffix=  async=0|1
+--   models=gpt2,llama (or any registered model_type: its tiny config)  steps=6  save_at=3  batch=<per rank>  dropout=1|0  suffix=  async=0|1
 -- A dump is DIR/<model>-<tag>-rank<R>.bin, the raw bytes of this rank's local tensors (parameters and optimizer
 -- state), with an index in the rank's result: {key = "model.<name>" | "<state>.<name>", start, count, at}.
 local ffi  = require "ffi"
@@ -38,12 +38,12 @@ local mesh = o.mesh == "hsdp" and fsdp.mesh{dp_replicate = 2, dp_shard = world /
 -- under HSDP the replicas hold the same shards: the first replica's ranks dump them
 local dumps = mesh == nil or mesh:coordinate("dp_replicate") == 0
 
--- A token stream the loader cuts into windows: an LCG over the tiny vocabulary (101).
+-- A token stream the loader cuts into windows: an LCG over the smallest tiny vocabulary (97).
 local function source()
   local n = 6000
   local ids = fsdp.empty({n}, {dtype = "i64"})
   local p, x = ids:data_ptr("int64_t *"), 7
-  for i = 0, n - 1 do x = (x * 1103515245 + 12345) % 2147483648; p[i] = x % 101 end
+  for i = 0, n - 1 do x = (x * 1103515245 + 12345) % 2147483648; p[i] = x % 97 end
   return data.TokenFile.from_tensor(ids)
 end
 local src = source()
@@ -52,7 +52,7 @@ local function build(kind, seed)
   local drop = o.dropout == "1" and 0.1 or 0.0
   local cfg = kind == "gpt2"
     and fsdp.models.tiny_config("gpt2", {resid_pdrop = drop, embd_pdrop = drop, attn_pdrop = drop})
-    or fsdp.models.tiny_config("llama", {attention_dropout = drop})
+    or fsdp.models.tiny_config(kind, {attention_dropout = drop})
   local model
   if o.mode == "fsdp" then
     model = fsdp.models.build(cfg, {seed = seed, device = "meta"})
