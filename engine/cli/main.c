@@ -24,6 +24,7 @@
 
 static const char *usage =
     "usage: fsdp-lua [options] [script.lua [args...]]\n"
+    "       fsdp-lua inspect PATH [--tensor NAME]   summarise a checkpoint or .safetensors file\n"
     "  -n N         run N ranks: re-executes this command under `mpirun -np N` (N = 1 runs directly)\n"
     "  -e STMT      run the Lua statement STMT (may repeat; runs before the script)\n"
     "  -i           enter the interactive REPL after the script (the default when no script is given)\n"
@@ -235,6 +236,13 @@ int main(int argc, char **argv) {
     const char *stmts[64];
     int nstmts = 0, script = 0, nranks = 0, n_at = 0;
     bool interactive = false;
+    /* `fsdp-lua inspect ...` runs the script lua/fsdp/inspect_cli.lua with the arguments that follow. */
+    char inspect[PATH_MAX + 96];
+    if (argc > 1 && !strcmp(argv[1], "inspect")) {
+        find_lua_dir(inspect, PATH_MAX + 64);
+        strcat(inspect, "/fsdp/inspect_cli.lua");
+        argv[1] = inspect;
+    }
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         if (!strcmp(a, "-n")) {

@@ -20,7 +20,8 @@ end
 function Linear:forward(x) return basic.linear(x, self.weight, self.bias, false) end
 
 function Linear:extra_repr()
-  return ("in_features=%d, out_features=%d, bias=%s"):format(self.in_features, self.out_features, tostring(self.bias ~= nil))
+  return ("in_features=%d, out_features=%d, bias=%s"):format(self.in_features, self.out_features,
+                                                    Module.repr_bool(self.bias ~= nil))
 end
 
 return Linear
