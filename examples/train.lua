@@ -180,7 +180,7 @@ local function main(argv)
     fsdp.clip_grad_norm(params, o.clip)   -- sums over the shard group under FSDP
     opt:step()
     opt:zero_grad()
-    out.loss:free(); out.logits:free(); batch.input_ids:free(); batch.labels:free()
+    out.loss:free(); batch.input_ids:free(); batch.labels:free()
     tokens_since = tokens_since + o.batch * o.seq * world
     loss_sum, loss_n = loss_sum + loss, loss_n + 1
     local t = now()
