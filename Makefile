@@ -117,6 +117,7 @@ demo: all
 bench: all
 	$(BUILD)/fsdp-lua spec/bench/bench.lua
 	$(BUILD)/fsdp-lua spec/bench/bench_dist.lua --all
+	$(BUILD)/fsdp-lua spec/bench/bench_ckpt.lua
 
 PREFIX ?= /usr/local
 install: all

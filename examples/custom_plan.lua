@@ -57,7 +57,7 @@ for step = 1, STEPS do
   out.loss:backward()
   local norm = fsdp.clip_grad_norm(model:parameters(), 1.0)   -- over every rank's shards
   opt:step(); opt:zero_grad()
-  out.loss:free(); out.logits:free(); b.input_ids:free(); b.labels:free()
+  out.loss:free(); b.input_ids:free(); b.labels:free()   -- with labels there are no logits
   fsdp.dist.all_reduce(loss, {op = "avg"})                      -- the mean over the ranks' slices of the batch
   say(("step %d  loss %.6f  grad norm %.4f"):format(step, loss:get(0), norm))
 end

@@ -261,7 +261,7 @@ local function evaluator(model, src, held, o, rank, world)
         end
         local out = model(x, {labels = x})
         sum = sum + out.loss:item()
-        out.loss:free(); out.logits:free(); x:free()
+        out.loss:free(); x:free()   -- with labels the fused head makes no logits
       end
     end)
     model:train(was)
@@ -543,7 +543,7 @@ local function main(argv)
     local loss = out.loss:item()
     out.loss:backward()
     local norm = fsdp.clip_grad_norm(params, o.clip)   -- sums over the shard group under FSDP: the same everywhere
-    out.loss:free(); out.logits:free(); batch.input_ids:free(); batch.labels:free()
+    out.loss:free(); batch.input_ids:free(); batch.labels:free()
     if world > 1 then   -- the mean over the ranks' batches; a nan or inf on any rank reaches every rank
       local l = fsdp.tensor({loss}, {dtype = "f64"})
       fsdp.dist.all_reduce(l, {op = "avg"})
