@@ -21,6 +21,24 @@ static int64_t target_at(const fl_tensor *t, int64_t i) {
     return t->dtype == FL_I64 ? ((const int64_t *)p)[i] : (int64_t)((const int32_t *)p)[i];
 }
 
+/* logsumexp of a row of v >= 1 values: exp in f32 for f32 (as torch), the sum in f64 (as cross_entropy). */
+static double row_lse_f32(const float *x, int64_t v) {
+    float m = x[0];
+    for (int64_t j = 1; j < v; j++) m = x[j] > m ? x[j] : m;
+    double s = 0;
+    for (int64_t j = 0; j < v; j++) s += fl_expf(x[j] - m);
+    // cppcheck-suppress invalidFunctionArg ; s >= 1: the maximum's own term is exp(0)
+    return m + log(s);
+}
+
+static double row_lse_f64(const double *x, int64_t v) {
+    double m = x[0], s = 0;
+    for (int64_t j = 1; j < v; j++) m = x[j] > m ? x[j] : m;
+    for (int64_t j = 0; j < v; j++) s += exp(x[j] - m);
+    // cppcheck-suppress invalidFunctionArg ; s >= 1: the maximum's own term is exp(0)
+    return m + log(s);
+}
+
 static int64_t chunk_rows(int64_t v) {
     int64_t r = LCE_CHUNK_ELEMS / (v > 0 ? v : 1);
     return r < 1 ? 1 : r;
@@ -64,6 +82,7 @@ fl_tensor *fl_linear_cross_entropy(const fl_tensor *h, const fl_tensor *w, const
         return fl_fail_null(FL_EINVAL, "%s: targets must be i64/i32 [%" PRId64 "], got %s %s", op, h->shape[0],
                             fl_dtype_name(targets->dtype), fl_shape_str(targets));
     int64_t N = h->shape[0], H = h->shape[1], V = w->shape[0];
+    if (V == 0) return fl_fail_null(FL_EINVAL, "%s: weight %s has no rows (an empty vocabulary)", op, fl_shape_str(w));
     fl_tensor *hc = fl_contiguous(h), *wc = fl_contiguous(w), *tc = fl_contiguous(targets);
     fl_tensor *logits = NULL, *dh = NULL, *dw = NULL, *out = NULL;
     double *rowloss = NULL;
@@ -89,7 +108,7 @@ fl_tensor *fl_linear_cross_entropy(const fl_tensor *h, const fl_tensor *w, const
         goto done;
     fl_tensor_set_category(logits, FL_MEM_ACTIVATION);
     const char *ph = fl_tensor_data(hc), *pw = fl_tensor_data(wc);
-    char *pl = fl_tensor_data(logits);
+    void *pl = fl_tensor_data(logits);
     double scale = count > 0 ? 1.0 / (double)count : 0.0;
     for (int64_t r0 = 0; r0 < N; r0 += R) {
         int64_t rows = fl_min64(R, N - r0);
@@ -100,11 +119,8 @@ fl_tensor *fl_linear_cross_entropy(const fl_tensor *h, const fl_tensor *w, const
             int64_t t = target_at(tc, r0 + i);
             double lse;
             if (dt == FL_F32) {
-                float *x = (float *)pl + i * V, m = -INFINITY;
-                for (int64_t j = 0; j < V; j++) m = x[j] > m ? x[j] : m;
-                double s = 0;
-                for (int64_t j = 0; j < V; j++) s += fl_expf(x[j] - m);
-                lse = m + log(s);
+                float *x = (float *)pl + i * V;
+                lse = row_lse_f32(x, V);
                 rowloss[r0 + i] = t == ignore_index ? 0.0 : lse - x[t];
                 if (grad) {
                     float l = (float)lse, sc = (float)scale;
@@ -115,10 +131,8 @@ fl_tensor *fl_linear_cross_entropy(const fl_tensor *h, const fl_tensor *w, const
                     }
                 }
             } else {
-                double *x = (double *)pl + i * V, m = -INFINITY, s = 0;
-                for (int64_t j = 0; j < V; j++) m = x[j] > m ? x[j] : m;
-                for (int64_t j = 0; j < V; j++) s += exp(x[j] - m);
-                lse = m + log(s);
+                double *x = (double *)pl + i * V;
+                lse = row_lse_f64(x, V);
                 rowloss[r0 + i] = t == ignore_index ? 0.0 : lse - x[t];
                 if (grad) {
                     if (t == ignore_index) for (int64_t j = 0; j < V; j++) x[j] = 0;
