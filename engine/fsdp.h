@@ -232,6 +232,9 @@ fl_tensor *fl_log_softmax(const fl_tensor *x, int32_t dim);
 /* Mean cross-entropy of logits [N, C] against targets [N] (i64/i32); targets equal to ignore_index are
  * skipped; the mean is over the others (0/0 gives NaN, as PyTorch). Computed in f32 (f64 for f64 input). */
 fl_tensor *fl_cross_entropy(const fl_tensor *logits, const fl_tensor *targets, int64_t ignore_index);
+/* The head and its loss in one op: mean cross-entropy of h [N, H] W^T (W [V, H], Linear layout) over targets
+ * != ignore_index, never holding the [N, V] logits (chunks of rows); the gradients are made in the forward. */
+fl_tensor *fl_linear_cross_entropy(const fl_tensor *h, const fl_tensor *w, const fl_tensor *targets, int64_t ignore_index);
 
 /* ---- embedding, RoPE, attention (ops_embed.c, ops_attn.c) ---- */
 fl_tensor *fl_embedding(const fl_tensor *weight, const fl_tensor *ids); /* weight [V, H], ids any shape -> [..., H] */

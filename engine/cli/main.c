@@ -31,7 +31,8 @@ static const char *usage =
     "  -h, --help   show this help\n"
     "  -v, --version\n"
     "Environment: FSDP_LUA_PATH overrides where the lua/ library is found; OMP_NUM_THREADS sets threads\n"
-    "(with -n N it defaults to max(1, cores / N), so the ranks share the cores).\n"
+    "(with -n N it defaults to max(1, cores / N), so the ranks share the cores). With -n N the ranks get\n"
+    "FSDP_STDOUT_TTY=1 when this process's stdout is a terminal, else 0 (theirs is mpirun's pty either way).\n"
     "Multi-node: run `mpirun ... fsdp-lua script.lua` yourself; every rank joins the job when it starts.\n"
     "An uncaught error on any rank prints \"[rank R] <error and traceback>\" and ends the job non-zero.\n"
     "Scripts `require \"fsdp\"`; see README.md.\n";
@@ -160,6 +161,9 @@ static int launch(int n, int argc, char **argv, int n_at) {
         snprintf(th, sizeof th, "%d", per < 1 ? 1 : per);
         setenv("OMP_NUM_THREADS", th, 1);
     }
+    /* A rank's stdout is Open MPI's pty whether or not ours is a terminal: tell the ranks which it is (train.lua
+     * draws its progress bar only on a terminal). */
+    setenv("FSDP_STDOUT_TTY", isatty(STDOUT_FILENO) ? "1" : "0", 1);
     char np[16];
     snprintf(np, sizeof np, "%d", n);
     /* A container needs: more ranks than slots (--oversubscribe), root, shared memory without CMA
@@ -167,7 +171,8 @@ static int launch(int n, int argc, char **argv, int n_at) {
      * and a rank spinning in MPI must not take a core from the compute threads. -x exports to remote nodes. */
     const char *fixed[] = {"mpirun", "-np", np, "--oversubscribe", "--allow-run-as-root", "--bind-to", "none",
                            "--mca", "btl", "self,vader", "--mca", "btl_vader_single_copy_mechanism", "none",
-                           "--mca", "mpi_yield_when_idle", "1", "-x", "OMP_NUM_THREADS", "-x", "FSDP_LUA_PATH"};
+                           "--mca", "mpi_yield_when_idle", "1", "-x", "OMP_NUM_THREADS", "-x", "FSDP_LUA_PATH",
+                           "-x", "FSDP_STDOUT_TTY"};
     int nfixed = (int)(sizeof fixed / sizeof fixed[0]);
     char **av = calloc((size_t)(nfixed + 5 + argc), sizeof *av);
     if (!av) { fprintf(stderr, "fsdp-lua: -n: out of memory\n"); return 1; }

@@ -219,12 +219,12 @@ function M.make(traits)
 
   local lm_name = traits.prefix .. "ForCausalLM"
   if traits.moe then
-    local MOE_OPTS = {labels = true, output_router_logits = true, cache = true, last_only = true}
+    local MOE_OPTS = {labels = true, logits = true, output_router_logits = true, cache = true, last_only = true}
     function LM:forward(input_ids, opts)
       opts = core.check_opts(lm_name, opts, MOE_OPTS, 2)
       local cfg = self.config
       local out = common.causal_lm_forward(self, lm_name, self.model, input_ids, {labels = opts.labels,
-                                           cache = opts.cache, last_only = opts.last_only})
+                                           logits = opts.logits, cache = opts.cache, last_only = opts.last_only})
       local want = opts.output_router_logits
       if want == nil then want = cfg.output_router_logits end
       local blocks = {}
