@@ -461,11 +461,11 @@ describe("plan explain", function()
     -- the table fsdp.shards prints (spec/dist/explain_memory_spec.lua checks it against real shards): the root
     -- holds nothing here, so it makes no unit; wte [101, 32] f32 is 51 rows (6528 B = 6.38 KiB) on rank 0, 50 on 1
     has(text, "FSDP plan: 3 units over 2 ranks, 29,728 parameters",
-        "unit 1  transformer.wte  [keep_full_weight]  sharded",
+        "unit 1  transformer.wte  [keep_full_weight]\n",
         "modules: transformer.wte, transformer.wpe, transformer.ln_f, lm_head",
         "transformer.wte.weight", "[101, 32]", "[0, 51)  6.38 KiB  [51, 101)  6.25 KiB",
         "(tied: transformer.wte.weight = lm_head.weight)",
-        "unit 2  transformer.h.0  [free_full_weight]  sharded",
+        "unit 2  transformer.h.0  [free_full_weight]\n",
         "(root: no parameters left, so no unit)",
         "memory per rank (estimated)", "optim (AdamW: exp_avg + exp_avg_sq)")
   end)

@@ -25,6 +25,20 @@ local CASES = {
   {name = "gpt2 untied, blocks only (the root keeps the rest)", model = "gpt2", cfg = {tie_word_embeddings = false},
    plan = {mode = "manual", modules = {["transformer.h.*"] = "free_full_weight"}}},
   {name = "qwen2_moe, auto", model = "qwen2_moe", cfg = {}, plan = "auto"},
+  -- examples/custom_plan.lua's: bf16 MLP units nested in blocks, the last two blocks kept, free embeddings whose
+  -- tied wte the root's lm_head gathers again at the end of forward, the root keeping ln_f
+  {name = "gpt2 tied, function plan with nested bf16 units", model = "gpt2", cfg = {n_layer = 4},
+   plan = {modules = function(name)
+     local block = tonumber(name:match("^transformer%.h%.(%d+)$"))
+     if block then return block >= 2 and "keep_full_weight" or "free_full_weight" end
+     local mlp = tonumber(name:match("^transformer%.h%.(%d+)%.mlp$"))
+     if mlp then
+       return {mlp >= 2 and "keep_full_weight" or "free_full_weight",
+               mixed_precision = {param_dtype = "bf16", reduce_dtype = "f32", output_dtype = "f32"}}
+     end
+     if name == "transformer.wte" or name == "transformer.wpe" then return "free_full_weight" end
+     return nil
+   end}},
 }
 
 -- the shard table's data, without its metatable
@@ -44,7 +58,10 @@ end
 
 local report = {rank = rank, world = world, cases = {}}
 local ids = fsdp.tensor({{1, 2, 3, 4, 5, 6, 7, 8}, {8, 7, 6, 5, 4, 3, 2, 1}}, {dtype = "i64"})
-for ci, case in ipairs(CASES) do
+-- One case in a function of its own, and the JIT's traces flushed after it: the counters are per process, so the
+-- previous case's shards must be gone before the next case's baseline, and a dead local still on the Lua stack or a
+-- trace that recorded one of its hooks (trace constants are GC roots) would keep them alive, to be freed mid-case.
+local function run_case(case)
   local cfg = fsdp.models.tiny_config(case.model, case.cfg)
   local model = fsdp.models.build(cfg, {device = "meta"})
   local ex = fsdp.explain(model, case.plan, world, case.opts)
@@ -88,8 +105,13 @@ for ci, case in ipairs(CASES) do
     loss:free()
   end
   if rank == 0 then out.explain_text, out.shards_text = tostring(ex), tostring(fsdp.shards(model)) end
-  report.cases[ci] = out
-  opt, model = nil, nil   -- luacheck: ignore
+  return out
+end
+
+for ci, case in ipairs(CASES) do
+  report.cases[ci] = run_case(case)
+  jit.flush()
+  collectgarbage("collect")
   collectgarbage("collect")
 end
 D.write(dir, rank, report)

@@ -34,41 +34,36 @@ M.optimizer_of = optimizer_of
 
 -- ---- replaying the engine's schedule ----
 
--- The hooked modules' forward, as a list of events {kind = "pre" | "post", unit, path}: a pre-order walk of the
--- module tree in registration order (the order the built-in models call their modules in), entering and leaving
--- every module a unit hooks (its modules and extra_modules). The root returns a table (loss, logits), so it has
--- no post-forward and no pre-backward node.
-local function forward_events(model, unit_of_module)
+-- The forward as the engine sees it, a list of events: {kind = "pre" | "post", unit} entering and leaving every
+-- module a unit hooks (its modules and extra_modules), and {kind = "use", param} where a module holding a parameter
+-- runs: a pre-order walk of the module tree in registration order (the order the built-in models call their modules
+-- in; inside a block the order of its norms does not matter, only where its parameters stand against nested units).
+-- The root returns a table (loss, logits), so it has no post-forward and no pre-backward node.
+local function forward_events(model, unit_of_module, name_of_tensor)
   local events = {}
   local function walk(m, path, seen)
     if seen[m] then return end
     seen[m] = true
     local u = unit_of_module[path]
-    if u then events[#events + 1] = {kind = "pre", unit = u, path = path} end
+    if u then events[#events + 1] = {kind = "pre", unit = u} end
+    for _, pn in ipairs(m._param_names) do
+      local name = name_of_tensor[m._params[pn]]
+      if name then events[#events + 1] = {kind = "use", param = name} end
+    end
     for _, n in ipairs(m._module_names) do walk(m._modules[n], path == "" and n or (path .. "." .. n), seen) end
-    if u and path ~= "" then events[#events + 1] = {kind = "post", unit = u, path = path} end
+    if u and path ~= "" then events[#events + 1] = {kind = "post", unit = u} end
   end
   walk(model, "", {})
   return events
 end
 
--- The innermost hooked module at or above `path`: the module whose forward runs the one at `path`.
-local function hooked_ancestor(path, unit_of_module)
-  while true do
-    if unit_of_module[path] then return path end
-    if path == "" then return nil end
-    path = path:match("^(.*)%.[^.]+$") or ""
-  end
-end
-
--- replay{units = {{name, full_bytes, gather_bytes, reshard_after_forward, params = {names}}}, events, holders =
--- {[param] = {module paths holding it}}, steps = n} -> {peak = bytes, first_step_peak = bytes, at = {...}}.
--- The engine's rules, unit by unit (fsdp.c): pre-forward reshards the units forward is done with, unshards this
--- one (gathering: full storages + the all-gather buffer; then the buffer goes) and, once the order is recorded
--- (after the first step), starts gathering the next unit; post-forward marks a free_full_weight unit to reshard.
--- Pre-backward unshards its unit and starts gathering the previous one unless reduced; a unit reshards when its
--- last gradient has landed (the backward of the first module, in forward order, that uses each of its
--- parameters); the end of backward reshards everything.
+-- replay{units = {{name, full_bytes, gather_bytes, reshard_after_forward, params = {names}}}, events, steps = n}
+-- -> {peak = bytes, at = {phase, step, held}, step_peaks = {[step] = bytes}}. The engine's rules, unit by unit
+-- (fsdp.c): pre-forward reshards the units forward is done with, unshards this one (gathering: full storages + the
+-- all-gather buffer; then the buffer goes) and, once the order is recorded (after the first step), starts gathering
+-- the next unit; post-forward marks a free_full_weight unit to reshard. Pre-backward unshards its unit and starts
+-- gathering the previous one unless reduced; a unit reshards when the last gradient of its parameters has landed
+-- (the backward of the first module, in forward order, that uses each); the end of backward reshards everything.
 local function replay(plan)
   local units, events = plan.units, plan.events
   local state, pending, reduced, order_of = {}, {}, {}, {}
@@ -76,7 +71,14 @@ local function replay(plan)
   local cur, peak, at = 0, 0, nil
   local phase, step = "forward", 1
   local step_peaks = {}
-  for _, u in ipairs(units) do state[u] = "sharded" end
+  local unit_of_param, uses = {}, {}
+  for _, u in ipairs(units) do
+    state[u] = "sharded"
+    for _, pn in ipairs(u.params) do unit_of_param[pn] = u end
+  end
+  for _, ev in ipairs(events) do
+    if ev.kind == "use" then uses[ev.param] = (uses[ev.param] or 0) + 1 end
+  end
   local function note()
     if cur > peak then
       peak = cur
@@ -106,19 +108,6 @@ local function replay(plan)
     pending[u] = false
   end
   local function neighbour(u, d) return recorded and order_of[u] and order[order_of[u] + d] or nil end
-  -- which hooked module's backward completes each parameter, and how many holders each still waits for
-  local waits = {}
-  for _, u in ipairs(units) do
-    for _, pn in ipairs(u.params) do
-      for _, path in ipairs(plan.holders[pn] or {}) do
-        local a = hooked_ancestor(path, plan.unit_of_module)
-        if a then
-          waits[a] = waits[a] or {}
-          waits[a][#waits[a] + 1] = {unit = u, param = pn}
-        end
-      end
-    end
-  end
   for s = 1, plan.steps do
     step, phase = s, "forward"
     for _, ev in ipairs(events) do
@@ -130,16 +119,14 @@ local function replay(plan)
         start_gather(u); finish_gather(u)
         local nxt = neighbour(u, 1)
         if nxt then start_gather(nxt) end
-      elseif u.reshard_after_forward then
+      elseif ev.kind == "post" and u.reshard_after_forward then
         pending[u] = true
       end
     end
     phase = "backward"
-    local left, left_params = {}, {}
-    for _, u in ipairs(units) do left[u] = #u.params end
-    for _, list in pairs(waits) do
-      for _, w in ipairs(list) do left_params[w.param] = (left_params[w.param] or 0) + 1 end
-    end
+    local left_uses, left_params = {}, {}
+    for pn, n in pairs(uses) do left_uses[pn] = n end
+    for _, u in ipairs(units) do left_params[u] = #u.params end
     for i = #events, 1, -1 do
       local ev = events[i]
       local u = ev.unit
@@ -147,13 +134,12 @@ local function replay(plan)
         start_gather(u); finish_gather(u)
         local prev = neighbour(u, -1)
         if prev and not reduced[prev] then start_gather(prev) end
-      else
-        for _, w in ipairs(waits[ev.path] or {}) do
-          left_params[w.param] = left_params[w.param] - 1
-          if left_params[w.param] == 0 then
-            left[w.unit] = left[w.unit] - 1
-            if left[w.unit] == 0 then reduced[w.unit] = true; reshard(w.unit) end
-          end
+      elseif ev.kind == "use" then
+        left_uses[ev.param] = left_uses[ev.param] - 1
+        local pu = unit_of_param[ev.param]
+        if left_uses[ev.param] == 0 and pu then
+          left_params[pu] = left_params[pu] - 1
+          if left_params[pu] == 0 then reduced[pu] = true; reshard(pu) end
         end
       end
     end
@@ -172,14 +158,14 @@ Estimate.__index = Estimate
 -- estimate(model, shard_table, tree, {optimizer =}) -> per-rank bytes {[r] = {param, grad, optim, param_unsharded,
 -- total}} for r = 0..W-1, plus optimizer (what was assumed), peak (when the replay peaked: phase, step and the
 -- units held then), step_peaks = {step 1, step 2} (step 1 records the order: no prefetch) and first_step_peak.
--- `shard_table` is explain's (shard_table.from_plan), `tree` the plan's scan of the model (who holds each
--- parameter). param_unsharded is the larger step peak; it is the same on every rank (full sizes and padded
+-- `shard_table` is explain's (shard_table.from_plan), `tree` the plan's scan of the model (each parameter's
+-- tensor and name). param_unsharded is the larger step peak; it is the same on every rank (full sizes and padded
 -- all-gather buffers do not depend on the rank).
 function M.estimate(model, tbl, tree, opts)
   local opt = optimizer_of(opts.optimizer)
   local W = tbl.world_size
-  local holders = {}
-  for _, p in ipairs(tree.params) do holders[p.name] = p.modules end
+  local name_of_tensor = {}
+  for _, p in ipairs(tree.params) do name_of_tensor[p.tensor] = p.name end
   local units, unit_of_module = {}, {}
   for _, u in ipairs(tbl.units) do
     local es = ST.dtype_size(u.param_dtype)
@@ -191,8 +177,7 @@ function M.estimate(model, tbl, tree, opts)
     for _, mn in ipairs(u.modules or {}) do unit_of_module[mn] = r end
     for _, mn in ipairs(u.extra_modules or {}) do unit_of_module[mn] = r end
   end
-  local plan = {units = units, events = forward_events(model, unit_of_module), holders = holders,
-                unit_of_module = unit_of_module, steps = 2}
+  local plan = {units = units, events = forward_events(model, unit_of_module, name_of_tensor), steps = 2}
   local sim = replay(plan)
   local out = setmetatable({world_size = W, optimizer = opt, peak = sim.at, first_step_peak = sim.step_peaks[1] or 0,
                             step_peaks = sim.step_peaks}, Estimate)

@@ -34,16 +34,16 @@ local function mp_str(mp)
   return "{" .. table.concat(parts, ", ") .. "}"
 end
 
--- "free_full_weight, cpu_offload, mixed_precision {param_dtype=bf16, ...}" of a unit ({reshard_after_forward,
--- cpu_offload, mixed_precision}: a resolved plan unit or an engine unit's record).
+-- "free_full_weight, cpu_offload, mp {param_dtype=bf16, ...}" of a unit ({reshard_after_forward, cpu_offload,
+-- mixed_precision}: a resolved plan unit or an engine unit's record).
 function M.policy_str(u)
   local parts = {u.reshard_after_forward and "free_full_weight" or "keep_full_weight"}
   if u.cpu_offload then parts[#parts + 1] = "cpu_offload" end
-  if u.mixed_precision then parts[#parts + 1] = "mixed_precision " .. mp_str(u.mixed_precision) end
+  if u.mixed_precision then parts[#parts + 1] = "mp " .. mp_str(u.mixed_precision) end
   return table.concat(parts, ", ")
 end
 
--- A parameter's row of the table: {name, shape, dtype (the shard's), rows (dim 0; 1 for a 0-d tensor), row_numel,
+-- A parameter's row of the table: {name, shape, dtype (the shard's), dim0 (rows; 1 for a 0-d tensor), row_numel,
 -- rows_per_rank, ranges = {[r] = {first_row, n_rows}}, bytes = {[r] = shard bytes}, numel} for r = 0..W-1.
 function M.param_row(name, shape, W, dim0_shard)
   local s = dim0_shard(shape, W)
@@ -52,7 +52,7 @@ function M.param_row(name, shape, W, dim0_shard)
   for r = 0, W - 1 do bytes[r] = s.numel_per_rank[r] * es end
   local sh = {}
   for i, d in ipairs(shape) do sh[i] = d end
-  return {name = name, shape = sh, dtype = M.SHARD_DTYPE, rows = s.rows, row_numel = s.row_numel,
+  return {name = name, shape = sh, dtype = M.SHARD_DTYPE, dim0 = s.rows, row_numel = s.row_numel,
           rows_per_rank = s.rows_per_rank, ranges = s.ranges, bytes = bytes, numel = s.numel}
 end
 
@@ -119,8 +119,9 @@ function M.format(t)
   if t.rank then lines[1] = lines[1] .. (" (this is rank %d)"):format(t.rank) end
   for i, u in ipairs(t.units) do
     lines[#lines + 1] = ""
-    local pd = u.param_dtype and u.param_dtype ~= M.SHARD_DTYPE and (", gathered as " .. u.param_dtype) or ""
-    lines[#lines + 1] = ("unit %d  %s  [%s]  %s%s"):format(i, u.name, M.policy_str(u), u.state, pd)
+    -- explain's units are all sharded (as apply_plan leaves them); a sharded model's say what they are now
+    lines[#lines + 1] = ("unit %d  %s  [%s]%s"):format(i, u.is_root and "root (rest of the model)" or u.name,
+                                                     M.policy_str(u), t.what == "shards" and ("  " .. u.state) or "")
     if u.modules and #u.modules > 0 then
       local mods = {}
       for k, m in ipairs(u.modules) do mods[k] = m == "" and "(root)" or m end
@@ -179,7 +180,7 @@ function M.from_plan(units, tensor_of, W, dim0_shard)
 end
 
 -- The table of a sharded model now: its engine units (units.lua's records), each rank's rows from the geometry
--- over the unit's shard group, this rank's checked against the engine's own.
+-- over the unit's shard group, this rank's checked against the engine's own (and kept as first_row, rows).
 function M.from_group(model, group, dim0_shard)
   local name_of = {}   -- units made by fully_shard on a submodule know only local names
   for _, e in ipairs(model:full_parameter_list()) do name_of[e[2]] = e[1] end
@@ -208,7 +209,8 @@ function M.from_group(model, group, dim0_shard)
         core.raise(("fsdp.shards: %s: rank %d holds rows [%d, %d), the shard geometry says [%d, %d)"):format(
           p.name, r, info.row0, info.row0 + info.nrows, mine[1], mine[1] + mine[2]))
       end
-      p.first_row, p.local_rows = info.row0, info.nrows
+      p.first_row, p.rows = info.row0, info.nrows   -- this rank's
+
       if #names_of[e.full] > 1 then p.tied = names_of[e.full] end
       params[j] = p
     end
@@ -216,7 +218,7 @@ function M.from_group(model, group, dim0_shard)
     units[i] = {name = u.name, reshard_after_forward = u.reshard_after_forward, cpu_offload = u.cpu_offload,
                 mixed_precision = u.mixed_precision, param_dtype = u.param_dtype,
                 state = unsharded and "gathered" or "sharded", unsharded = unsharded, params = params,
-                modules = u.modules, extra_modules = u.extra_modules}
+                modules = u.modules, extra_modules = u.extra_modules, is_root = u.is_root}
   end
   return M.new({what = "shards", world_size = W or 1, rank = rank or 0, units = units})
 end

@@ -75,7 +75,7 @@ local function make_unit(group, spec, params, mods, opts, extra)
   local u = {ptr = up, name = spec.name, params = params, shards = {}, output_dtype = od, cpu_offload = spec.cpu_offload,
              reshard_after_forward = spec.reshard_after_forward and true or false,
              mixed_precision = spec.mixed_precision, param_dtype = pd, extra = extra or {},
-             modules = spec.modules, extra_modules = spec.extra_modules, group = group}
+             modules = spec.modules, extra_modules = spec.extra_modules, is_root = spec.is_root, group = group}
   -- A printed shard reads its unit's state; held weakly, so that a shard outliving its model does not keep the
   -- model's units alive, and reads nothing once they are gone (u.group keeps the engine group alive while u is).
   local weak = setmetatable({u = u}, {__mode = "v"})
