@@ -3,6 +3,9 @@
 -- gathered weights, found by replaying the engine's unshard / prefetch / reshard schedule (engine/dist/fsdp.c)
 -- over the model's forward and backward without running it. memory_stats() is what the engine's allocation
 -- counters measured (engine/core/storage.c), as a table that prints. The shard table itself is shard_table.lua's.
+-- The replay assumes what holds for the built-in causal LMs: modules run in registration order, the root returns a
+-- table (no pre-backward node), no activation checkpointing; W is the shard group's size (HSDP replicas hold the
+-- same). spec/dist/explain_memory_spec.lua checks it against the counters, to the byte.
 local core = require "fsdp.core"
 local ST   = require "fsdp.parallel.shard_table"
 
