@@ -135,6 +135,11 @@ int64_t fl_mem_peak(int32_t category);
 void fl_mem_reset_peak(void);
 int64_t fl_mem_total_current(void);
 int64_t fl_mem_total_peak(void);
+/* Bytes the caching host allocator keeps for reuse (freed blocks not yet given back), and giving them back. */
+int64_t fl_mem_cached(void);
+void fl_mem_empty_cache(void);
+bool fl_mem_cache_enabled(void);    /* false in sanitizer builds (a use after free must stay visible) or when limited to 0 */
+int64_t fl_mem_fresh_bytes(void);   /* bytes of large blocks taken from the system so far (not from the cache) */
 int64_t fl_alloc_bytes_pending(void);       /* bytes allocated since the last fl_alloc_reset_pending: drives Lua's GC */
 void fl_alloc_reset_pending(void);
 

@@ -26,6 +26,7 @@ struct fl_storage {
     int32_t category;   /* enum fl_mem_category */
     void *data;         /* NULL when released or meta */
     size_t nbytes;
+    size_t cap;         /* bytes of the block behind data (>= nbytes: a cached block may be a little larger) */
 };
 fl_storage *fl_storage_new(size_t nbytes, int32_t device); /* refcount 1, data allocated unless meta */
 void fl_storage_retain(fl_storage *s);

@@ -69,6 +69,7 @@ function fsdp.explain(model, plan, world_size, opts) return parallel().explain(m
 function fsdp.shards(model) return parallel().shards(model) end
 function fsdp.memory_stats() return parallel().memory_stats() end
 function fsdp.reset_peak_memory() return parallel().reset_peak_memory() end
+function fsdp.empty_cache() C.fl_mem_empty_cache() end   -- the caching allocator's free blocks back to the system
 
 local lazy = {
   nn = "fsdp.nn", models = "fsdp.models", optim = "fsdp.optim", data = "fsdp.data",

@@ -238,6 +238,7 @@ function Stats.__tostring(s)
   local rows = {{"memory (this process)", "current", "peak"}}
   for _, k in ipairs(CATEGORIES) do rows[#rows + 1] = {"  " .. k, bytes_str(s[k].current), bytes_str(s[k].peak)} end
   rows[#rows + 1] = {"  total", bytes_str(s.total.current), bytes_str(s.total.peak)}
+  rows[#rows + 1] = {"  cached (free, kept)", bytes_str(s.cached), ""}
   local w = {}
   for _, r in ipairs(rows) do for c, cell in ipairs(r) do w[c] = math.max(w[c] or 0, #cell) end end
   local lines = {}
@@ -252,16 +253,20 @@ function Stats.__tostring(s)
 end
 
 -- memory_stats() -> {param =, param_unsharded =, grad =, optim =, activation =, other =, total = {current =, peak
--- =}} in bytes, this process's engine allocations by category (peaks since the start or reset_peak_memory());
--- tostring() prints it as a table.
+-- =}, cached =} in bytes, this process's engine allocations by category (peaks since the start or
+-- reset_peak_memory()), and the freed blocks the caching allocator keeps for reuse (engine/core/storage.c;
+-- fsdp.empty_cache() gives them back); tostring() prints it as a table.
 function M.memory_stats()
   local out = {}
   for name, id in pairs(core.mem_categories) do
     out[name] = {current = tonumber(C.fl_mem_current(id)), peak = tonumber(C.fl_mem_peak(id))}
   end
   out.total = {current = tonumber(C.fl_mem_total_current()), peak = tonumber(C.fl_mem_total_peak())}
+  out.cached = tonumber(C.fl_mem_cached())
   return setmetatable(out, Stats)
 end
+
+function M.empty_cache() C.fl_mem_empty_cache() end
 
 function M.reset_peak_memory() C.fl_mem_reset_peak() end
 
