@@ -1,5 +1,5 @@
 # fsdp-lua build. `make` builds build/fsdp-lua and build/libfsdp.so; `make test`, `make check`, `make demo`,
-# `make bench`.
+# `make bench`, `make bench-scale`.
 # `make CUDA=1` also compiles kernels/ with nvcc and links cuBLAS.
 CC      ?= gcc
 BUILD   := build
@@ -41,7 +41,7 @@ LDLIBS  += -L$(CUDA_HOME)/lib64 -lcudart -lcublas -lstdc++  # nvcc host code nee
 NVFLAGS ?= -O3 -arch=sm_90 -Xcompiler -fPIC -Iengine -Ikernels
 endif
 
-.PHONY: all binaries deps test test-reference check check-deps check-lua check-c check-asan demo bench clean install
+.PHONY: all binaries deps test test-reference check check-deps check-lua check-c check-asan demo bench bench-scale clean install
 # deps first, then a fresh make: the compiler flags above ask mpicc and pkg-config, which deps installs.
 all: deps
 	@$(MAKE) --no-print-directory binaries
@@ -118,6 +118,11 @@ bench: all
 	$(BUILD)/fsdp-lua spec/bench/bench.lua
 	$(BUILD)/fsdp-lua spec/bench/bench_dist.lua --all
 	$(BUILD)/fsdp-lua spec/bench/bench_ckpt.lua
+
+# Real sizes (GPT-2 124M and 350M, a Llama-shaped 0.86B), ours and PyTorch's; about 40 minutes on 2 cores.
+# BENCH_SCALE_ARGS="--sizes gpt2-256" runs a subset (spec/bench/README.md).
+bench-scale: all
+	$(BUILD)/fsdp-lua spec/bench/bench_scale.lua $(BENCH_SCALE_ARGS)
 
 PREFIX ?= /usr/local
 install: all

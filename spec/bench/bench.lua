@@ -4,7 +4,11 @@
 -- model in PyTorch eager with the same thread count in the same run and prints our figures as ratios.
 -- Usage: build/fsdp-lua spec/bench/bench.lua [--steps N] [--warmup N] [--threads N] [--no-torch]
 local fsdp = require "fsdp"
-local ffi  = require "ffi"
+
+local ROOT = (debug.getinfo(1, "S").source:match("^@(.*)spec/bench/bench%.lua$") or "")
+if ROOT == "" then ROOT = "./" end
+local bench = dofile(ROOT .. "spec/bench/common.lua")
+local now, peak_rss_mb = bench.now, bench.peak_rss_mb
 
 local opts = {steps = 10, warmup = 2, threads = 2, torch = true}
 local i = 1
@@ -18,45 +22,13 @@ while arg and arg[i] do
   i = i + 1
 end
 
-ffi.cdef [[
-  typedef struct { long tv_sec; long tv_nsec; } fl_bench_timespec;
-  int clock_gettime(int clk, fl_bench_timespec *ts);
-]]
-local ts = ffi.new("fl_bench_timespec")
-local function now() ffi.C.clock_gettime(1, ts); return tonumber(ts.tv_sec) + tonumber(ts.tv_nsec) * 1e-9 end
-
-local function peak_rss_mb()
-  for line in io.lines("/proc/self/status") do
-    local kb = line:match("^VmHWM:%s+(%d+)")
-    if kb then return tonumber(kb) / 1024 end
-  end
-end
-
 fsdp.set_num_threads(opts.threads)
 
 -- sgemm peak: the best of a few large products, the same BLAS the model uses.
-local function sgemm_peak()
-  local best = 0
-  for _, s in ipairs {{2048, 1536, 384}, {2048, 384, 1536}, {1024, 1024, 1024}} do
-    local m, n, k = s[1], s[2], s[3]
-    local a, b = fsdp.randn({m, k}, {seed = 1}), fsdp.randn({k, n}, {seed = 2})
-    fsdp.F.matmul(a, b):free()
-    for _ = 1, 3 do
-      local t0 = now()
-      local reps = 5
-      for _ = 1, reps do fsdp.F.matmul(a, b):free() end
-      local gf = 2 * m * n * k * reps / (now() - t0) / 1e9
-      if gf > best then best = gf end
-    end
-  end
-  return best
-end
-
-local peak = sgemm_peak()
+local peak = bench.sgemm_peak()
 print(("sgemm peak (%d threads): %.1f GFLOP/s"):format(opts.threads, peak))
 
-local cfg = fsdp.models.config("gpt2", {vocab_size = 256, n_positions = 256, n_embd = 384, n_layer = 6, n_head = 6,
-  resid_pdrop = 0, embd_pdrop = 0, attn_pdrop = 0})
+local cfg = bench.model_config("bench")   -- spec/bench/common.lua's SIZES.bench, dropouts 0
 local model = fsdp.models.build(cfg, {seed = 1234})
 local nparams = 0
 for _, p in ipairs(model:parameters()) do nparams = nparams + p:numel() end

@@ -1,6 +1,8 @@
 -- spec/bench/bench_dist.lua: the distributed part of `make bench`. Trains the bench model of bench.lua (GPT-2,
 -- vocab 256, n_positions 256, n_embd 384, 6 layers, 6 heads, seq 256; 10.8M parameters; AdamW lr 3e-4 wd 0.1,
--- clip_grad_norm 1.0) on a global batch of 8 sequences split evenly over the ranks, and measures one setup:
+-- clip_grad_norm 1.0) on a global batch of 8 sequences split evenly over the ranks, or with --size NAME one of
+-- the real sizes of spec/bench/common.lua (gpt2, gpt2-medium, llama-1b; what bench_scale.lua runs), and measures
+-- one setup:
 --
 --   build/fsdp-lua -n 1 spec/bench/bench_dist.lua --mode single   the whole batch on one rank, no wrapping
 --   build/fsdp-lua -n 2 spec/bench/bench_dist.lua --mode ddp      fsdp.ddp (bucketed grad all-reduce)
@@ -20,18 +22,25 @@
 -- throughput table, our FSDP against PyTorch FSDP2 (tokens/s, peak RSS per rank), FSDP's param + grad + optim
 -- bytes per rank as a ratio of DDP's, and the memory-by-category table.
 --
--- Options: --mode single|ddp|fsdp | --all; --steps N (timed steps, 5) --warmup N (2) --ranks N (2: ranks of the
+-- Options: --mode single|ddp|fsdp | --all; --size NAME (bench) --seq N --batch N (the global batch; both default
+-- to the size's: 256 and 8 for bench) --steps N (timed steps, 5) --warmup N (2) --ranks N (2: ranks of the
 -- ddp/fsdp/torch runs under --all) --timeout S (600: wall-clock limit of each run under --all; also the
 -- collective timeout of the ranks) --no-torch.
 -- Threads: the launcher gives each rank cores / N threads (OMP_NUM_THREADS); --all unsets OMP_NUM_THREADS for the
 -- runs it starts so that this holds, and PyTorch gets the same count per rank.
 local fsdp = require "fsdp"
-local ffi  = require "ffi"
 local cjson = require "cjson"
 
-local opts = {mode = nil, all = false, steps = 5, warmup = 2, ranks = 2, timeout = 600, torch = true}
+-- The repository root (this file is <root>/spec/bench/bench_dist.lua); runs start there.
+local ROOT = (debug.getinfo(1, "S").source:match("^@(.*)spec/bench/bench_dist%.lua$") or "")
+if ROOT == "" then ROOT = "./" end
+local bench = dofile(ROOT .. "spec/bench/common.lua")
+local now, peak_rss_mb, q = bench.now, bench.peak_rss_mb, bench.quote
+
+local opts = {mode = nil, all = false, steps = 5, warmup = 2, ranks = 2, timeout = 600, torch = true, size = "bench"}
 do
-  local usage = "valid: --mode single|ddp|fsdp, --all, --steps N, --warmup N, --ranks N, --timeout S, --no-torch"
+  local usage = "valid: --mode single|ddp|fsdp, --all, --size NAME, --seq N, --batch N, --steps N, --warmup N, "
+                .. "--ranks N, --timeout S, --no-torch"
   local function int_arg(name, v, min)
     local n = tonumber(v)
     if not n or n ~= math.floor(n) or n < min then
@@ -48,6 +57,9 @@ do
         error(("bench_dist: unknown mode %s (valid: single, ddp, fsdp)"):format(tostring(opts.mode)), 0)
       end
     elseif a == "--all" then opts.all = true
+    elseif a == "--size" then opts.size = arg[i + 1]; bench.size(opts.size); i = i + 1
+    elseif a == "--seq" then opts.seq = int_arg(a, arg[i + 1], 1); i = i + 1
+    elseif a == "--batch" then opts.batch = int_arg(a, arg[i + 1], 1); i = i + 1
     elseif a == "--steps" then opts.steps = int_arg(a, arg[i + 1], 1); i = i + 1
     elseif a == "--warmup" then opts.warmup = int_arg(a, arg[i + 1], 0); i = i + 1
     elseif a == "--ranks" then opts.ranks = int_arg(a, arg[i + 1], 1); i = i + 1
@@ -57,32 +69,24 @@ do
     i = i + 1
   end
   if opts.all == (opts.mode ~= nil) then error("bench_dist: pass one of --mode M or --all (" .. usage .. ")", 0) end
-  if opts.all and 8 % opts.ranks ~= 0 then
-    error(("bench_dist: the global batch 8 does not split evenly over --ranks %d (use 1, 2, 4 or 8)"):format(opts.ranks), 0)
+  local size = bench.size(opts.size)
+  opts.seq, opts.batch = opts.seq or size.seq, opts.batch or size.batch
+  if opts.seq > bench.max_seq(opts.size) then
+    error(("bench_dist: --seq %d is longer than size %s's %d positions"):format(opts.seq, opts.size,
+      bench.max_seq(opts.size)), 0)
+  end
+  if opts.all and opts.batch % opts.ranks ~= 0 then
+    error(("bench_dist: the global batch %d does not split evenly over --ranks %d"):format(opts.batch, opts.ranks), 0)
   end
 end
 
-local VOCAB, T, B, SEED = 256, 256, 8, 1
+local SIZE = bench.size(opts.size)
+local VOCAB, T, B, SEED = SIZE.cfg.vocab_size, opts.seq, opts.batch, 1
 local CATEGORIES = {"param", "param_unsharded", "grad", "optim", "activation", "other", "total"}
-
-ffi.cdef [[
-  typedef struct { long tv_sec; long tv_nsec; } fl_bench_dist_timespec;
-  int clock_gettime(int clk, fl_bench_dist_timespec *ts);
-]]
-local ts = ffi.new("fl_bench_dist_timespec")
-local function now() ffi.C.clock_gettime(1, ts); return tonumber(ts.tv_sec) + tonumber(ts.tv_nsec) * 1e-9 end
 
 -- ---------------------------------------------------------------------------------------------------------------
 -- One setup, on every rank of the job.
 -- ---------------------------------------------------------------------------------------------------------------
-
-local function peak_rss_mb()
-  for line in io.lines("/proc/self/status") do
-    local kb = line:match("^VmHWM:%s+(%d+)")
-    if kb then return tonumber(kb) / 1024 end
-  end
-  error("bench_dist: no VmHWM in /proc/self/status")
-end
 
 local function run_mode(mode)
   local dist = require "fsdp.dist"
@@ -97,8 +101,7 @@ local function run_mode(mode)
   end
   local per = B / world
 
-  local cfg = fsdp.models.config("gpt2", {vocab_size = VOCAB, n_positions = T, n_embd = 384, n_layer = 6,
-    n_head = 6, resid_pdrop = 0, embd_pdrop = 0, attn_pdrop = 0})
+  local cfg = bench.model_config(opts.size)
   -- Every setup starts from the same weights: FSDP initialises each rank's rows of the meta parameters as the
   -- full initialisation with the same seed would have them.
   local model = fsdp.models.build(cfg, {device = mode == "fsdp" and "meta" or "cpu", seed = SEED})
@@ -119,14 +122,18 @@ local function run_mode(mode)
   local norm_time = 0   -- get_total_norm's share: the exact squared norm and its all-gather
 
   -- The global batch of a step (an LCG, its upper bits: the low bits of a power-of-two LCG repeat every 256
-  -- draws, which the model would learn); this rank's rows [rank * per, (rank + 1) * per).
+  -- draws, which the model would learn); this rank's rows [rank * per, (rank + 1) * per). Bits 16-30 give
+  -- tokens below 32768; a larger vocabulary takes x's top bits scaled to it.
+  local wide = VOCAB > 32768
   local function batch(step)
     local ids = fsdp.empty({per, T}, {dtype = "i64"})
     local p = ids:data_ptr("int64_t *")
     local x, lo, hi = step * 7919, rank * per * T, (rank + 1) * per * T
     for j = 0, B * T - 1 do
       x = (x * 1103515245 + 12345) % 2147483648
-      if j >= lo and j < hi then p[j - lo] = math.floor(x / 65536) % VOCAB end
+      if j >= lo and j < hi then
+        p[j - lo] = wide and math.floor(x / 2147483648 * VOCAB) or math.floor(x / 65536) % VOCAB
+      end
     end
     return ids
   end
@@ -174,13 +181,19 @@ local function run_mode(mode)
     dist.set_skip_comm(false)
   end
 
-  -- The same step's collectives alone, no compute: the total communication time of a step.
+  -- The same step's collectives alone, no compute: the total communication time of a step. The buffers are
+  -- shared by size (every layer's unit, every full bucket), so that at the real sizes they do not hold another
+  -- copy of the model's gradients beside its state.
   local elapsed_commonly = 0
   if world > 1 then
-    local ops = {}
+    local ops, bufs = {}, {}
+    local function buf(n)
+      if not bufs[n] then bufs[n] = fsdp.zeros({n}) end
+      return bufs[n]
+    end
     if mode == "fsdp" then
       for _, n in ipairs(chunks) do
-        local full, part = fsdp.zeros({n * world}), fsdp.zeros({n})
+        local full, part = buf(n * world), buf(n)
         ops[#ops + 1] = function() dist.all_gather(full, part) end
         ops[#ops + 1] = function() dist.all_gather(full, part) end
         ops[#ops + 1] = function() dist.reduce_scatter(part, full, {op = "avg"}) end
@@ -188,7 +201,7 @@ local function run_mode(mode)
     else
       local left, cap = nparams, 25 * 1024 * 1024 / 4
       while left > 0 do
-        local b = fsdp.zeros({math.min(left, cap)})
+        local b = buf(math.min(left, cap))
         ops[#ops + 1] = function() dist.all_reduce(b, {op = "avg"}) end
         left = left - cap
       end
@@ -209,7 +222,7 @@ local function run_mode(mode)
   if rank ~= 0 then return end
 
   local v = all:totable()
-  local res = {mode = mode, world = world, threads_per_rank = fsdp.get_num_threads(), steps = opts.steps,
+  local res = {mode = mode, size = opts.size, world = world, threads_per_rank = fsdp.get_num_threads(), steps = opts.steps,
                warmup = opts.warmup, global_batch = B, seq = T, params = nparams,
                comm_ms_per_rank = {}, nocomm_step_ms_per_rank = {}, step_ms_per_rank = {},
                peak_rss_mb_per_rank = {}, memory_peak_bytes_per_rank = {}, grad_norm_ms_per_rank = {}}
@@ -246,47 +259,10 @@ end
 -- --all: the driver, one plain process that starts the runs.
 -- ---------------------------------------------------------------------------------------------------------------
 
-local function q(s) return "'" .. tostring(s):gsub("'", "'\\''") .. "'" end
 
--- The repository root (this file is <root>/spec/bench/bench_dist.lua); runs start there.
-local ROOT = (debug.getinfo(1, "S").source:match("^@(.*)spec/bench/bench_dist%.lua$") or "")
-if ROOT == "" then ROOT = "./" end
-
--- Runs cmd from the root under the wall-clock limit; returns the JSON object of the line `prefix {...}` (or the
--- first {...} line when prefix is nil), or nil and what went wrong (the end of the output).
+-- cmd under --timeout from the root: its JSON line `prefix {...}`, or nil and what went wrong.
 local function run_json(label, cmd, prefix)
-  local log = os.tmpname()
-  -- (LuaJIT's popen close gives no exit status: the shell prints it last)
-  local full = ("cd %s && timeout -k 10 %d %s 2>%s; echo \"BENCH_DIST_RC $?\""):format(q(ROOT), opts.timeout, cmd, q(log))
-  io.stderr:write(("bench_dist: running %s ...\n"):format(label))
-  local t0 = now()
-  local h = io.popen(full)
-  local out = h:read("*a")
-  h:close()
-  local code = tonumber(out:match("BENCH_DIST_RC (%d+)%s*$"))
-  local f = io.open(log, "r")
-  local err = f and f:read("*a") or ""
-  if f then f:close() end
-  os.remove(log)
-  io.stderr:write(("bench_dist: %s took %.0f s\n"):format(label, now() - t0))
-  local line
-  for l in out:gmatch("[^\n]+") do
-    if prefix then
-      local rest = l:match("^" .. prefix .. " (%b{})")
-      if rest then line = rest end
-    elseif l:match("^%b{}$") then
-      line = l
-    end
-  end
-  if not line then
-    local status = (code == 124 or code == 137) and ("timed out after " .. opts.timeout .. " s")
-                   or ("exit status %s"):format(tostring(code))
-    local tail = (out:gsub("BENCH_DIST_RC %d+%s*$", "") .. err):sub(-2000)
-    return nil, ("%s (%s):\n%s"):format(label, status, tail)
-  end
-  local okj, res = pcall(cjson.decode, line)
-  if not okj then return nil, label .. ": bad JSON: " .. line end
-  return res
+  return bench.run_json(ROOT, label, cmd, prefix, opts.timeout, "bench_dist")
 end
 
 local function mb(bytes) return bytes / 2^20 end
@@ -294,7 +270,8 @@ local function mb(bytes) return bytes / 2^20 end
 local function run_all()
   local exe = ROOT .. "build/fsdp-lua"
   local n = opts.ranks
-  local common = ("--steps %d --warmup %d --timeout %d"):format(opts.steps, opts.warmup, opts.timeout)
+  local shape = ("--size %s --seq %d --batch %d"):format(opts.size, T, B)
+  local common = ("%s --steps %d --warmup %d --timeout %d"):format(shape, opts.steps, opts.warmup, opts.timeout)
   -- env -u: the launcher then splits this machine's cores between the ranks.
   local function ours(ranks, mode)
     return ("env -u OMP_NUM_THREADS %s -n %d spec/bench/bench_dist.lua --mode %s %s"):format(q(exe), ranks, mode, common)
@@ -318,8 +295,8 @@ local function run_all()
       torch_note = "skipped (no spec/reference/.venv; run spec/reference/setup_venv.sh)"
     else
       f:close()
-      local cmd = ("env -u OMP_NUM_THREADS %s spec/reference/bench_torch_fsdp.py --world %d --steps %d --warmup %d --timeout %d")
-        :format(q(py), n, opts.steps, opts.warmup, opts.timeout)
+      local cmd = ("env -u OMP_NUM_THREADS %s spec/reference/bench_torch_fsdp.py --world %d %s --steps %d --warmup %d --timeout %d")
+        :format(q(py), n, shape, opts.steps, opts.warmup, opts.timeout)
       local res, err = run_json(("PyTorch FSDP2 %d-rank"):format(n), cmd, nil)
       runs.torch = res
       if not res then failures[#failures + 1] = err; torch_note = "failed (see above)" end
@@ -330,8 +307,9 @@ local function run_all()
 
   for _, e in ipairs(failures) do print("FAILED: " .. e) end
 
-  print(("bench_dist: GPT-2 bench model (10.8M params), global batch %d x seq %d, AdamW + clip; %d timed steps after %d warmup")
-    :format(B, T, opts.steps, opts.warmup))
+  local nparams = (runs.single or runs.ddp or runs.fsdp or runs.torch or {}).params
+  print(("bench_dist: %s (%s params), global batch %d x seq %d, AdamW + clip; %d timed steps after %d warmup")
+    :format(SIZE.label, nparams and ("%.1fM"):format(nparams / 1e6) or "?", B, T, opts.steps, opts.warmup))
   print(("%-22s %8s %10s %10s %10s %10s %9s %14s %12s  %s"):format("setup", "threads", "tokens/s", "step ms", "comm ms",
     "no-comm ms", "exposed", "exposed/comm", "grad norm", "peak RSS MB per rank"))
   local function row(label, r)

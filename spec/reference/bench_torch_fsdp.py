@@ -7,7 +7,9 @@ the root, over a 1-D CPU device mesh of --world ranks (gloo backend, torch.multi
 127.0.0.1). Global batch 8 x seq 256 of random tokens (the same fixed-seed batch on every rank; rank r takes
 rows [r * B/N, (r+1) * B/N)), labels = input_ids, AdamW(lr 3e-4, weight_decay 0.1), clip_grad_norm_(1.0).
 Each timed step: zero_grad, forward+loss, backward, clip, optimizer step. Threads per rank: --threads, by
-default the cores this process may use divided by the world size (as `fsdp-lua -n N` does).
+default the cores this process may use divided by the world size (as `fsdp-lua -n N` does). --size NAME trains
+one of bench_torch.py's SIZES instead (fully_shard on each decoder layer, then the root); --batch and --seq
+default to the size's.
 
 Usage: spec/reference/.venv/bin/python spec/reference/bench_torch_fsdp.py --steps 5 --warmup 2
 Prints ONE json line: tokens_per_s (global), step_ms, peak_rss_mb (max over ranks), peak_rss_mb_per_rank,
@@ -26,7 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-VOCAB, NPOS, EMBD, LAYERS, HEADS = 256, 256, 384, 6, 6
+from bench_torch import build_model, check_size_args, size_args
 
 
 def fully_shard_fn():
@@ -56,7 +58,6 @@ def worker(rank, args, port):
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(args.threads)
     import transformers
-    from transformers import GPT2Config, GPT2LMHeadModel
     from torch.distributed.device_mesh import init_device_mesh
     transformers.logging.set_verbosity_error()
 
@@ -66,14 +67,11 @@ def worker(rank, args, port):
     fully_shard = fully_shard_fn()
 
     torch.manual_seed(args.seed)   # the same full initialisation on every rank; fully_shard keeps each its rows
-    cfg = GPT2Config(vocab_size=VOCAB, n_positions=NPOS, n_embd=EMBD, n_layer=LAYERS, n_head=HEADS,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, summary_first_dropout=0.0,
-                     dtype="float32")
-    cfg._attn_implementation = args.attn
-    model = GPT2LMHeadModel(cfg).to(torch.float32)
+    model, layers = build_model(args.size, args.attn)
+    vocab = model.config.vocab_size
     model.train()
     params = sum(p.numel() for p in model.parameters())
-    for block in model.transformer.h:
+    for block in layers:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1)
@@ -82,7 +80,7 @@ def worker(rank, args, port):
     gen = torch.Generator().manual_seed(args.seed + 1)
 
     def step():
-        ids = torch.randint(0, VOCAB, (args.batch, args.seq), generator=gen, dtype=torch.int64)
+        ids = torch.randint(0, vocab, (args.batch, args.seq), generator=gen, dtype=torch.int64)
         ids = ids[rank * per:(rank + 1) * per].contiguous()
         opt.zero_grad(set_to_none=True)
         loss = model(input_ids=ids, labels=ids).loss
@@ -120,6 +118,7 @@ def worker(rank, args, port):
             "warmup": args.warmup,
             "batch": args.batch,
             "seq": args.seq,
+            "size": args.size,
             "attn": args.attn,
             "last_loss_mean": round(sum(e["loss"] for e in everyone) / args.world, 6),
             "engine": "torch-fsdp2-gloo",
@@ -141,14 +140,12 @@ def main():
     ap.add_argument("--threads", type=int, default=0, help="threads per rank (0: usable cores / world, at least 1)")
     ap.add_argument("--steps", type=int, default=10, help="timed steps")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps before timing")
-    ap.add_argument("--batch", type=int, default=8, help="global batch (split evenly over the ranks)")
-    ap.add_argument("--seq", type=int, default=256)
+    size_args(ap)
     ap.add_argument("--attn", choices=["sdpa", "eager"], default="sdpa")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout", type=int, default=300, help="collective timeout in seconds")
     args = ap.parse_args()
-    if args.seq > NPOS:
-        ap.error(f"--seq must be <= {NPOS}")
+    check_size_args(ap, args)
     if args.world < 1 or args.batch % args.world != 0:
         ap.error(f"--batch {args.batch} must split evenly over --world {args.world}")
     if args.threads <= 0:
