@@ -3,7 +3,10 @@
 # `make CUDA=1` also compiles kernels/ with nvcc and links cuBLAS.
 CC      ?= gcc
 BUILD   := build
-DEB_PKGS := luajit libluajit-5.1-dev lua-cjson lua-busted libopenblas-openmp-dev libopenmpi-dev openmpi-bin libedit-dev
+# lua-argparse (examples/train.lua's options) is /usr/share/lua/5.1/argparse.lua, on LuaJIT's default package.path,
+# which fsdp-lua keeps after its own lua/; gnuplot-nox draws examples/plot.lua's PNGs.
+DEB_PKGS := luajit libluajit-5.1-dev lua-cjson lua-busted libopenblas-openmp-dev libopenmpi-dev openmpi-bin libedit-dev \
+            lua-argparse gnuplot-nox
 BLAS_INC := /usr/include/x86_64-linux-gnu/openblas-openmp
 CFLAGS  ?= -O3 -march=native
 # SANITIZE=address,undefined builds with those sanitizers (make check's sanitizer build, in its own BUILD dir).
@@ -114,6 +117,7 @@ demo: all
 bench: all
 	$(BUILD)/fsdp-lua spec/bench/bench.lua
 	$(BUILD)/fsdp-lua spec/bench/bench_dist.lua --all
+	$(BUILD)/fsdp-lua spec/bench/bench_ckpt.lua
 
 PREFIX ?= /usr/local
 install: all

@@ -150,6 +150,11 @@ int64_t fl_mem_peak(int32_t category);
 void fl_mem_reset_peak(void);
 int64_t fl_mem_total_current(void);
 int64_t fl_mem_total_peak(void);
+/* Bytes the caching host allocator keeps for reuse (freed blocks not yet given back), and giving them back. */
+int64_t fl_mem_cached(void);
+void fl_mem_empty_cache(void);
+bool fl_mem_cache_enabled(void);    /* false in sanitizer builds (a use after free must stay visible) or when limited to 0 */
+int64_t fl_mem_fresh_bytes(void);   /* bytes of large blocks taken from the system so far (not from the cache) */
 int64_t fl_alloc_bytes_pending(void);       /* bytes allocated since the last fl_alloc_reset_pending: drives Lua's GC */
 void fl_alloc_reset_pending(void);
 
@@ -247,6 +252,9 @@ fl_tensor *fl_log_softmax(const fl_tensor *x, int32_t dim);
 /* Mean cross-entropy of logits [N, C] against targets [N] (i64/i32); targets equal to ignore_index are
  * skipped; the mean is over the others (0/0 gives NaN, as PyTorch). Computed in f32 (f64 for f64 input). */
 fl_tensor *fl_cross_entropy(const fl_tensor *logits, const fl_tensor *targets, int64_t ignore_index);
+/* The head and its loss in one op: mean cross-entropy of h [N, H] W^T (W [V, H], Linear layout) over targets
+ * != ignore_index, never holding the [N, V] logits (chunks of rows); the gradients are made in the forward. */
+fl_tensor *fl_linear_cross_entropy(const fl_tensor *h, const fl_tensor *w, const fl_tensor *targets, int64_t ignore_index);
 
 /* ---- embedding, RoPE, attention (ops_embed.c, ops_attn.c) ---- */
 fl_tensor *fl_embedding(const fl_tensor *weight, const fl_tensor *ids); /* weight [V, H], ids any shape -> [..., H] */

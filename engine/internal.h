@@ -26,6 +26,7 @@ struct fl_storage {
     int32_t category;   /* enum fl_mem_category */
     void *data;         /* NULL when released or meta */
     size_t nbytes;
+    size_t cap;         /* bytes of the block behind data (>= nbytes: a cached block may be a little larger) */
 };
 fl_storage *fl_storage_new(size_t nbytes, int32_t device); /* refcount 1, data allocated unless meta */
 void fl_storage_retain(fl_storage *s);
@@ -70,6 +71,10 @@ void fl_store_elem(void *p, int32_t dtype, int64_t i, double v);
  * depend on the thread count. */
 void fl_gemm_call(int32_t dtype, bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha, const void *a,
                   int64_t lda, const void *b, int64_t ldb, double beta, void *c, int64_t ldc);
+/* C = alpha op(A) op(B) + beta C split into fixed blocks of rows (or columns) of C, one BLAS call each, over the
+ * OpenMP threads: the same bits for any thread count (ops_matmul.c). */
+void fl_gemm(int32_t dt, bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha, const void *a, int64_t lda,
+             const void *b, int64_t ldb, double beta, void *c, int64_t ldc);
 
 /* ---- counter-based RNG (rng.c) ---- */
 double fl_rng_uniform_at(uint64_t seed, uint64_t stream, uint64_t i);

@@ -61,7 +61,7 @@ for _, name in ipairs(FIXTURES) do
 
     it("matches transformers' logits, loss and every gradient", function()
       local m = models.from_pretrained(dir)
-      local out = m(ex.input_ids, {labels = ex.labels})
+      local out = m(ex.input_ids, {labels = ex.labels, logits = true})
       -- f32 forward of a 2-layer model, same op order as torch eager: 1e-5 relative covers reassociation in the
       -- blocked matmul and reductions (measured ~3e-7)
       assert.is_true(rel_err(out.logits, ex.logits) < 1e-5, "logits " .. rel_err(out.logits, ex.logits))
@@ -72,6 +72,7 @@ for _, name in ipairs(FIXTURES) do
                        ("aux_loss %.9g vs %.9g"):format(out.aux_loss:item(), ex.aux_loss:item()))
       end
       out.loss:backward()
+      local unfused = {}
       local n = 0
       for pname, p in m:named_parameters() do
         local g = ex["grad." .. pname]
@@ -79,9 +80,21 @@ for _, name in ipairs(FIXTURES) do
         -- gradients go through two more layers of f32 sums than logits: 1e-4 relative (measured < 1e-6)
         local e = rel_err(p.grad, g)
         assert.is_true(e < 1e-4, ("grad.%s: relative error %g"):format(pname, e))
+        unfused[pname] = p.grad
+        p.grad = nil
         n = n + 1
       end
       assert.equal(#meta_of(name).param_names, n)
+      -- the fused head + loss (no logits): the same loss and gradients within the same tolerances (its row sums of
+      -- the head's weight gradient run chunk by chunk, so the bits differ from the unfused head's)
+      local fused = m(ex.input_ids, {labels = ex.labels})
+      assert.is_nil(fused.logits)
+      assert.is_true(math.abs(fused.loss:item() - ex.loss:item()) <= 1e-5 * math.abs(ex.loss:item()), "fused loss")
+      fused.loss:backward()
+      for pname, p in m:named_parameters() do
+        local e = rel_err(p.grad, ex["grad." .. pname])
+        assert.is_true(e < 1e-4, ("fused grad.%s: relative error %g"):format(pname, e))
+      end
     end)
 
     it("round-trips save_pretrained -> from_pretrained bit-exactly", function()

@@ -111,16 +111,17 @@ describe("nn.Module", function()
     assert.matches("unknown option 'sed'", err_of(m.materialize, m, {sed = 1}))
   end)
 
-  it("prints the module tree", function()
+  it("prints the module tree as PyTorch, with parameter counts", function()
+    -- PyTorch folds the two identical blocks into "(0-1): 2 x ..."; counts by hand: emb 10 x 4 = 40, each block
+    -- 4 x 4 + 4 = 20, the head holds the tied embedding (40), the whole model each tensor once: 40 + 2 x 20
     local s = tostring(Toy.new())
     assert.equal(table.concat({
-      "Toy(",
-      "  (emb): Embedding(10, 4)",
-      "  (blocks): ModuleList(",
-      "    (0): Linear(in_features=4, out_features=4, bias=true)",
-      "    (1): Linear(in_features=4, out_features=4, bias=true)",
+      "Toy(  # 80 params",
+      "  (emb): Embedding(10, 4)  # 40 params",
+      "  (blocks): ModuleList(  # 40 params",
+      "    (0-1): 2 x Linear(in_features=4, out_features=4, bias=True)  # 20 params",
       "  )",
-      "  (head): Linear(in_features=4, out_features=10, bias=false)",
+      "  (head): Linear(in_features=4, out_features=10, bias=False)  # 40 params",
       ")"}, "\n"), s)
   end)
 

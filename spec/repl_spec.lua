@@ -81,6 +81,8 @@ describe("repl", function()
     assert.equal(tostring(require("fsdp").tensor({{1, 2}, {3, 4}})) .. "\n", out())
     feed("{3, 1, k = 'v', [10] = true}")
     assert.equal('{3, 1, [10] = true, k = "v"}\n', out())
+    feed("{x = {y = {1}, z = {}}}")                   -- deeper tables elided, never shown by address
+    assert.equal("{x = {y = {...}, z = {}}}\n", out())
     feed("=t:sum():item()")                              -- lua 5.1's "=expr" shorthand
     assert.equal("10\n", out())
   end)

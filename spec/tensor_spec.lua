@@ -67,9 +67,10 @@ describe("tensors", function()
     assert.equal("number", type(b)); assert.is_true(b ~= b)
   end)
 
-  it("prints shape, dtype, device and abbreviated values", function()
-    local s = tostring(fsdp.arange(10, {dtype = "i64"}))
-    assert.equal("tensor([10], i64, cpu)\n[0, 1, 2, ..., 7, 8, 9]", s)
+  it("prints values as PyTorch does, then shape, dtype and device (spec/print_spec.lua has the rest)", function()
+    -- PyTorch: tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 9]) (ten elements are far below its summarising threshold)
+    assert.equal("tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 9], shape=[10], dtype=i64, device=cpu)",
+                 tostring(fsdp.arange(10, {dtype = "i64"})))
   end)
 
   it("names the operation and shapes in errors", function()

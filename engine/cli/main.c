@@ -35,6 +35,7 @@
 
 static const char *usage =
     "usage: fsdp-lua [options] [script.lua [args...]]\n"
+    "       fsdp-lua inspect PATH [--tensor NAME]   summarise a checkpoint or .safetensors file\n"
     "  -n N         run N ranks: re-executes this command under `mpirun -np N` (N = 1 runs directly)\n"
     "  -e STMT      run the Lua statement STMT (may repeat; runs before the script)\n"
     "  -i           enter the interactive REPL after the script (the default when no script is given);\n"
@@ -42,9 +43,11 @@ static const char *usage =
     "  -h, --help   show this help\n"
     "  -v, --version\n"
     "Environment: FSDP_LUA_PATH overrides where the lua/ library is found; OMP_NUM_THREADS sets threads\n"
-    "(with -n N it defaults to max(1, cores / N), so the ranks share the cores); FSDP_LUA_HISTORY is the REPL's\n"
-    "history file (default ~/.fsdp_lua_history, empty for none); FSDP_REPL_TIMEOUT the seconds a collective\n"
-    "may wait in the multi-rank REPL before it fails (default 5; fsdp.repl_timeout(s) changes it).\n"
+    "(with -n N it defaults to max(1, cores / N), so the ranks share the cores). With -n N the ranks get\n"
+    "FSDP_STDOUT_TTY=1 when this process's stdout is a terminal, else 0 (theirs is mpirun's pty either way).\n"
+    "FSDP_LUA_HISTORY is the REPL's history file (default ~/.fsdp_lua_history, empty for none);\n"
+    "FSDP_REPL_TIMEOUT the seconds a collective may wait in the multi-rank REPL before it fails (default 5;\n"
+    "fsdp.repl_timeout(s) at the prompt changes it).\n"
     "Multi-node: run `mpirun ... fsdp-lua script.lua` yourself; every rank joins the job when it starts.\n"
     "An uncaught error on any rank prints \"[rank R] <error and traceback>\" and ends the job non-zero.\n"
     "Scripts `require \"fsdp\"`; see README.md.\n";
@@ -194,6 +197,9 @@ static int launch(int n, int argc, char **argv, int n_at, bool repl) {
         snprintf(th, sizeof th, "%d", per < 1 ? 1 : per);
         setenv("OMP_NUM_THREADS", th, 1);
     }
+    /* A rank's stdout is Open MPI's pty whether or not ours is a terminal: tell the ranks which it is (train.lua
+     * draws its progress bar only on a terminal). */
+    setenv("FSDP_STDOUT_TTY", isatty(STDOUT_FILENO) ? "1" : "0", 1);
     char np[16];
     snprintf(np, sizeof np, "%d", n);
     /* A container needs: more ranks than slots (--oversubscribe), root, shared memory without CMA
@@ -201,7 +207,8 @@ static int launch(int n, int argc, char **argv, int n_at, bool repl) {
      * and a rank spinning in MPI must not take a core from the compute threads. -x exports to remote nodes. */
     const char *fixed[] = {"mpirun", "-np", np, "--oversubscribe", "--allow-run-as-root", "--bind-to", "none",
                            "--mca", "btl", "self,vader", "--mca", "btl_vader_single_copy_mechanism", "none",
-                           "--mca", "mpi_yield_when_idle", "1", "-x", "OMP_NUM_THREADS", "-x", "FSDP_LUA_PATH"};
+                           "--mca", "mpi_yield_when_idle", "1", "-x", "OMP_NUM_THREADS", "-x", "FSDP_LUA_PATH",
+                           "-x", "FSDP_STDOUT_TTY"};
     int nfixed = (int)(sizeof fixed / sizeof fixed[0]);
     char **av = calloc((size_t)(nfixed + 16 + argc), sizeof *av);
     if (!av) { fprintf(stderr, "fsdp-lua: -n: out of memory\n"); return 1; }
@@ -489,6 +496,13 @@ int main(int argc, char **argv) {
     const char *stmts[64];
     int nstmts = 0, script = 0, nranks = 0, n_at = 0;
     bool interactive = false;
+    /* `fsdp-lua inspect ...` runs the script lua/fsdp/inspect_cli.lua with the arguments that follow. */
+    char inspect[PATH_MAX + 96];
+    if (argc > 1 && !strcmp(argv[1], "inspect")) {
+        find_lua_dir(inspect, PATH_MAX + 64);
+        strcat(inspect, "/fsdp/inspect_cli.lua");
+        argv[1] = inspect;
+    }
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         if (!strcmp(a, "-n")) {

@@ -14,6 +14,8 @@ enum { ST_MAX_HEADER = 100 * 1000 * 1000 };
 /* Conversions go through a bounce buffer of this many bytes of file data, so loading a 10 GB bf16 tensor
  * into f32 does not need another 10 GB. */
 enum { ST_CHUNK = 16 * 1024 * 1024 };
+/* Bytes written between two writeback starts (pwrite_all). */
+enum { ST_WRITEBACK = 8 * 1024 * 1024 };
 
 /* Bytes this process has read from safetensors files (headers and data): a sharded load is proven to read only
  * its own rows by this count. Atomic: loads may run from several threads. */
@@ -42,16 +44,22 @@ static int pread_all(int fd, void *buf, size_t n, int64_t off, const char *path)
     return FL_OK;
 }
 
+/* Writes exactly n bytes at `off`, in ST_WRITEBACK pieces, starting the writeback of each piece as soon as it is
+ * in the page cache (sync_file_range WRITE: it queues the I/O and does not wait for it). The disk then works while
+ * the next pieces are copied, instead of all of it waiting for the fsync that ends a save; that fsync still
+ * decides durability, so a failed hint is ignored. */
 static int pwrite_all(int fd, const void *buf, size_t n, int64_t off, const char *path) {
     const uint8_t *p = buf;
     size_t done = 0;
     while (done < n) {
-        ssize_t r = pwrite(fd, p + done, n - done, (off_t)(off + (int64_t)done));
+        size_t want = n - done < ST_WRITEBACK ? n - done : ST_WRITEBACK;
+        ssize_t r = pwrite(fd, p + done, want, (off_t)(off + (int64_t)done));
         if (r < 0) {
             if (errno == EINTR) continue;
             return fl_fail(FL_EIO, "safetensors: cannot write %zu bytes to '%s' at offset %" PRId64 ": %s", n - done,
                            path, off + (int64_t)done, strerror(errno));
         }
+        (void)sync_file_range(fd, (off_t)(off + (int64_t)done), (off_t)r, SYNC_FILE_RANGE_WRITE);
         done += (size_t)r;
     }
     return FL_OK;

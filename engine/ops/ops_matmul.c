@@ -34,8 +34,8 @@ void fl_gemm_call(int32_t dt, bool ta, bool tb, int64_t m, int64_t n, int64_t k,
  * enough that 2..16 threads get balanced work on our shapes, large enough that packing stays cheap. */
 enum { GEMM_BLOCK = 64 };
 
-static void gemm(int32_t dt, bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha, const void *a, int64_t lda,
-                 const void *b, int64_t ldb, double beta, void *c, int64_t ldc) {
+void fl_gemm(int32_t dt, bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha, const void *a, int64_t lda,
+             const void *b, int64_t ldb, double beta, void *c, int64_t ldc) {
     size_t es = fl_dtype_size(dt);
     bool by_rows = m >= n;
     int64_t len = by_rows ? m : n, nblk = (len + GEMM_BLOCK - 1) / GEMM_BLOCK;
@@ -101,7 +101,7 @@ static fl_tensor *matmul_raw(const fl_tensor *a0, const fl_tensor *b0, bool ta, 
             fl_gemm_call(a->dtype, ta, tb, m, n, k, 1.0, pa + (size_t)(ia * stra) * es, lda, pb + (size_t)(ib * strb) * es, ldb, 0.0,
                       po + (size_t)(i * m * n) * es, n);
         else
-            gemm(a->dtype, ta, tb, m, n, k, 1.0, pa + (size_t)(ia * stra) * es, lda, pb + (size_t)(ib * strb) * es, ldb, 0.0,
+            fl_gemm(a->dtype, ta, tb, m, n, k, 1.0, pa + (size_t)(ia * stra) * es, lda, pb + (size_t)(ib * strb) * es, ldb, 0.0,
                  po + (size_t)(i * m * n) * es, n);
     }
 done:
@@ -182,14 +182,14 @@ static int linear_backward(fl_node *n, fl_tensor *const *go, fl_tensor **gi) {
     if (fl_node_needs(n, 0)) {  /* dx = dy W  ([M,out] x [out,in]), Conv1D: dy W^T */
         fl_tensor *dx = fl_tensor_empty(n->in_ndim[0], n->in_shape[0], dt, FL_CPU);
         if (!dx) { rc = FL_ENOMEM; goto done; }
-        gemm(dt, false, in_out, M, in, out, 1.0, fl_tensor_data(g), out, fl_tensor_data(w), in_out ? out : in, 0.0, fl_tensor_data(dx), in);
+        fl_gemm(dt, false, in_out, M, in, out, 1.0, fl_tensor_data(g), out, fl_tensor_data(w), in_out ? out : in, 0.0, fl_tensor_data(dx), in);
         gi[0] = dx;
     }
     if (fl_node_needs(n, 1)) {  /* dW = dy^T x ([out,M] x [M,in]); Conv1D: x^T dy */
         fl_tensor *dw = fl_tensor_empty(w->ndim, w->shape, dt, FL_CPU);
         if (!dw) { rc = FL_ENOMEM; goto done; }
-        if (in_out) gemm(dt, true, false, in, out, M, 1.0, fl_tensor_data(x), in, fl_tensor_data(g), out, 0.0, fl_tensor_data(dw), out);
-        else gemm(dt, true, false, out, in, M, 1.0, fl_tensor_data(g), out, fl_tensor_data(x), in, 0.0, fl_tensor_data(dw), in);
+        if (in_out) fl_gemm(dt, true, false, in, out, M, 1.0, fl_tensor_data(x), in, fl_tensor_data(g), out, 0.0, fl_tensor_data(dw), out);
+        else fl_gemm(dt, true, false, out, in, M, 1.0, fl_tensor_data(g), out, fl_tensor_data(x), in, 0.0, fl_tensor_data(dw), in);
         gi[1] = dw;
     }
     if (n->n_in > 2 && fl_node_needs(n, 2)) {  /* db = column sums of dy */
@@ -239,7 +239,7 @@ fl_tensor *fl_linear(const fl_tensor *x, const fl_tensor *w, const fl_tensor *b,
         #pragma omp parallel for schedule(static) if (M * out > FL_PAR_MIN)
         for (int64_t r = 0; r < M; r++) memcpy(py + (size_t)(r * out) * es, fl_tensor_data(bc), (size_t)out * es);
     }
-    gemm(x->dtype, false, !w_in_out, M, out, in, 1.0, fl_tensor_data(xc), in, fl_tensor_data(wc), w_in_out ? out : in,
+    fl_gemm(x->dtype, false, !w_in_out, M, out, in, 1.0, fl_tensor_data(xc), in, fl_tensor_data(wc), w_in_out ? out : in,
          bc ? 1.0 : 0.0, py, out);
     const fl_tensor *ins[3] = {x, w, b};
     fl_node *n = fl_record("linear", linear_backward, b ? 3 : 2, ins, y);

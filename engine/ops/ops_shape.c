@@ -270,6 +270,35 @@ static int index_select_backward(fl_node *n, fl_tensor *const *go, fl_tensor **g
     int32_t d = (int32_t)n->i[0];
     fl_tensor *g = fl_tensor_zeros(n->in_ndim[0], n->in_shape[0], go[0]->dtype, FL_CPU);
     if (!g) return FL_ENOMEM;
+    if (d == 0 && fl_tensor_is_contiguous(go[0]) && (go[0]->dtype == FL_F32 || go[0]->dtype == FL_F64)) {
+        /* rows of a contiguous gradient (MoE dispatch, embeddings of a gather): each output row adds its index's
+         * rows in index order — the order of the general path below — split over columns, so any thread count
+         * gives the same bits */
+        int64_t rows = idx->shape[0], row = rows ? fl_tensor_numel(go[0]) / rows : 0;
+        const char *src = fl_tensor_data(go[0]);
+        char *dst = fl_tensor_data(g);
+        enum { COLS = 256 };
+        int64_t nblk = (row + COLS - 1) / COLS;
+        bool f32 = go[0]->dtype == FL_F32;
+        #pragma omp parallel for schedule(static) if (rows * row > FL_PAR_MIN && nblk > 1)
+        for (int64_t cb = 0; cb < nblk; cb++) {
+            int64_t c0 = cb * COLS, c1 = fl_min64(row, c0 + COLS);
+            for (int64_t i = 0; i < rows; i++) {
+                int64_t k = index_at(idx, i);
+                if (f32) {
+                    float *o = (float *)dst + k * row;
+                    const float *x = (const float *)src + i * row;
+                    for (int64_t c = c0; c < c1; c++) o[c] += x[c];
+                } else {
+                    double *o = (double *)dst + k * row;
+                    const double *x = (const double *)src + i * row;
+                    for (int64_t c = c0; c < c1; c++) o[c] += x[c];
+                }
+            }
+        }
+        gi[0] = g;
+        return FL_OK;
+    }
     /* Serial over the index: repeated indices add up in index order, the same bits every run. */
     for (int64_t i = 0; i < idx->shape[0]; i++) {
         fl_tensor *dst = fl_narrow(g, d, index_at(idx, i), 1), *src = fl_narrow(go[0], d, i, 1);

@@ -13,6 +13,8 @@ fsdp.tensor = Tensor.new
 fsdp.empty, fsdp.zeros, fsdp.ones, fsdp.full = Tensor.empty, Tensor.zeros, Tensor.ones, Tensor.full
 fsdp.randn, fsdp.rand, fsdp.arange = Tensor.randn, Tensor.rand, Tensor.arange
 fsdp.is_tensor = Tensor.is_tensor
+-- torch.set_printoptions: precision, threshold, edgeitems, linewidth, sci_mode, profile (lua/fsdp/tensor_str.lua)
+fsdp.set_printoptions, fsdp.get_printoptions = Tensor.set_printoptions, Tensor.get_printoptions
 fsdp.version = function() return require("ffi").string(C.fl_version()) end
 
 function fsdp.set_num_threads(n) C.fl_set_num_threads(n) end
@@ -65,9 +67,13 @@ local function parallel() return require "fsdp.parallel" end
 function fsdp.apply_plan(model, plan, opts) return parallel().apply_plan(model, plan, opts) end
 function fsdp.fully_shard(module, opts) return parallel().fully_shard(module, opts) end
 function fsdp.explain(model, plan, world_size, opts) return parallel().explain(model, plan, world_size, opts) end
+-- shards(model): the shard table of a sharded model now; explain(model, plan, W, {optimizer =}) the same table for
+-- any W without sharding, plus the memory per rank it implies; memory_stats(): bytes by category, current and peak.
+-- All three print as tables (lua/fsdp/parallel/shard_table.lua, memory.lua).
 function fsdp.shards(model) return parallel().shards(model) end
 function fsdp.memory_stats() return parallel().memory_stats() end
 function fsdp.reset_peak_memory() return parallel().reset_peak_memory() end
+function fsdp.empty_cache() C.fl_mem_empty_cache() end   -- the caching allocator's free blocks back to the system
 
 local lazy = {
   nn = "fsdp.nn", models = "fsdp.models", optim = "fsdp.optim", data = "fsdp.data",

@@ -73,7 +73,9 @@ end
 local function render(v, depth)
   local mt = getmetatable(v)
   if type(v) == "string" then return depth > 0 and ("%q"):format(v) or v end
-  if type(v) ~= "table" or (mt and mt.__tostring) or depth > 1 then return tostring(v) end
+  if type(v) ~= "table" or (mt and mt.__tostring) then return tostring(v) end
+  -- deeper tables are elided, not shown by address: equal answers on several ranks then print alike, once
+  if depth > 1 then return next(v) == nil and "{}" or "{...}" end
   -- Plain tables: sorted keys, one level deep, at most 20 entries.
   local keys, parts = {}, {}
   for k in pairs(v) do keys[#keys + 1] = k end

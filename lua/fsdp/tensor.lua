@@ -1,6 +1,6 @@
 -- lua/fsdp/tensor.lua: the Tensor class, a Lua handle on an engine fl_tensor. Arithmetic operators, shape
--- methods, element access and printing live here; the neural-network ops are in fsdp.ops, which adds
--- methods to this class.
+-- methods and element access live here, printing in tensor_str.lua; the neural-network ops are in fsdp.ops, which
+-- adds methods to this class.
 local ffi  = require "ffi"
 local core = require "fsdp.core"
 
@@ -331,36 +331,11 @@ function methods.free(t)
   end
 end
 
--- ---- printing ----
-local function fmt_num(v, dt)
-  if dt == "i32" or dt == "i64" or dt == "u8" or dt == "bool" then return ("%d"):format(v) end
-  if v ~= v then return "nan" end
-  if v == math.huge then return "inf" elseif v == -math.huge then return "-inf" end
-  return ("%.4g"):format(v)
-end
-
-function Tensor.__tostring(t)
-  local p = rawget(t, "_p")
-  if p == nil then return "tensor(freed)" end
-  local shape, dt, dev = t:shape(), t.dtype, t.device
-  local head = ("tensor(%s, %s, %s%s)"):format(t:shape_str(), dt, dev, t.requires_grad and ", requires_grad" or "")
-  if not C.fl_tensor_has_data(p) then return head .. (dev == "meta" and "" or " <released>") end
-  -- Abbreviate: at most 3 leading and 3 trailing entries per dim.
-  local strides, n = {}, 1
-  for d = #shape, 1, -1 do strides[d] = n; n = n * shape[d] end
-  local function render(d, off, indent)
-    if d > #shape then return fmt_num(tonumber(C.fl_tensor_get_flat(p, off)), dt) end
-    local parts, len = {}, shape[d]
-    for i = 0, len - 1 do
-      if len > 6 and i == 3 then parts[#parts + 1] = "..." end
-      if len <= 6 or i < 3 or i >= len - 3 then
-        parts[#parts + 1] = render(d + 1, off + i * strides[d], indent .. " ")
-      end
-    end
-    local sep = d == #shape and ", " or (",\n" .. indent .. " ")
-    return "[" .. table.concat(parts, sep) .. "]"
-  end
-  return head .. "\n" .. render(1, 0, "")
-end
+-- ---- printing (lua/fsdp/tensor_str.lua: PyTorch's rules, plus shape, dtype, device and sharding) ----
+local tensor_str = require "fsdp.tensor_str"
+Tensor.__tostring = function(t) return tensor_str.format(t) end
+-- t:format{info = false} gives the values alone, as PyTorch prints them.
+function methods.format(t, opts) return tensor_str.format(t, opts) end
+Tensor.set_printoptions, Tensor.get_printoptions = tensor_str.set_printoptions, tensor_str.get_printoptions
 
 return Tensor

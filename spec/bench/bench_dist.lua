@@ -144,7 +144,6 @@ local function run_mode(mode)
     opt:zero_grad()
     local loss = out.loss:item()
     out.loss:free()
-    out.logits:free()
     ids:free()
     return loss
   end

@@ -87,7 +87,7 @@ local function train_step(r, step)
   fsdp.clip_grad_norm(r.model:parameters(), 0.5)
   r.opt:step()
   r.opt:zero_grad()
-  out.loss:free(); out.logits:free(); b.input_ids:free(); b.labels:free()
+  out.loss:free(); b.input_ids:free(); b.labels:free()
   r.losses[step] = mean_over_ranks(loss)
 end
 

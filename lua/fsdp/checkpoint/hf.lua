@@ -381,6 +381,9 @@ function M.save_pretrained(model, dir, opts)
       return list
     end,
   })
+  -- The phase closures hold `files` (and through it every parameter) as an upvalue, and a compiled
+  -- trace can keep a closure alive long after the call: drop the tensors now, or a freed model's memory stays.
+  files = nil
 end
 
 return M

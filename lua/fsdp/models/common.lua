@@ -8,9 +8,10 @@ local ops    = require "fsdp.nn.ops"
 
 local M = {}
 
--- labels: the loss; cache: a generation cache (fsdp/generate.lua) the attention reads and extends; last_only:
--- logits of the last position only (generation needs no others).
-M.FORWARD_OPTS = {labels = true, cache = true, last_only = true}
+-- labels: the loss; logits: with labels, also return the logits (the loss then comes from them; without it the head
+-- and the loss are one fused op that never holds the [B*T, V] logits, and out.logits is nil); cache: a generation
+-- cache (fsdp/generate.lua) the attention reads and extends; last_only: logits of the last position only.
+M.FORWARD_OPTS = {labels = true, logits = true, cache = true, last_only = true}
 
 -- targets[b, t] = labels[b, t+1], and -100 at t = T-1: the model shifts labels, not input_ids. Empty sequences
 -- (T = 0) have no targets: the loss is then a mean over nothing, NaN, as in transformers.
@@ -64,6 +65,19 @@ function M.causal_lm_forward(self, class_name, base, input_ids, opts)
   opts = core.check_opts(class_name, opts, M.FORWARD_OPTS, 3)
   M.check_ids(class_name, input_ids)
   local h = base(input_ids, opts.cache)
+  if opts.labels and not opts.logits and not opts.last_only then
+    -- training: the head and the loss in one op, chunk by chunk over the rows
+    local ls = opts.labels:shape()
+    local B, T, H = h:size(1), h:size(2), h:size(3)
+    if #ls ~= 2 or ls[1] ~= B or ls[2] ~= T then
+      core.raise(("forward: labels %s do not match input_ids [%d, %d]"):format(opts.labels:shape_str(), B, T))
+    end
+    local targets = M.shift_labels(opts.labels, B, T)
+    local flat = basic.view(h, {B * T, H}); h:free()
+    local loss = self.lm_head(flat, targets)
+    flat:free(); targets:free()
+    return {loss = loss}
+  end
   if opts.last_only then
     local last = basic.narrow(h, 2, h:size(2), 1); h:free()
     h = last

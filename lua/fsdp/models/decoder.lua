@@ -9,6 +9,8 @@
 --   traits.resid_dropout(cfg)     dropout on both branch outputs before the residual add (Phi-3), or nil
 --   traits.ffn(cfg, i, o)         the feed-forward of layer i other than the gated MLP: returns its name and module
 --                                 (an MoE block), or nil for the gated MLP under "mlp"
+--   traits.class_names            transformers' names of the shared nn classes where they are not <prefix>Attention,
+--                                 <prefix>MLP (GatedMLP and MoE experts), <prefix>RMSNorm, <prefix>SparseMoeBlock
 --   traits.moe(cfg)               {num_experts =, top_k =, coef =} when the model routes: forward then collects
 --                                 every MoE block's router logits and returns aux_loss (added to the loss, times
 --                                 router_aux_loss_coef, when cfg.output_router_logits), as transformers' MoE LMs
@@ -209,14 +211,20 @@ function M.make(traits)
     return out
   end
 
+  -- how the model prints (nn.Module's tree): the shared nn classes under transformers' names for this family
+  local P = traits.prefix
+  local class_names = {Attention = P .. "Attention", GatedMLP = P .. "MLP", RMSNorm = P .. "RMSNorm",
+                       SparseMoeBlock = P .. "SparseMoeBlock", MoEExpert = P .. "MLP"}
+  for k, v in pairs(traits.class_names or {}) do class_names[k] = v end
+
   local lm_name = traits.prefix .. "ForCausalLM"
   if traits.moe then
-    local MOE_OPTS = {labels = true, output_router_logits = true, cache = true, last_only = true}
+    local MOE_OPTS = {labels = true, logits = true, output_router_logits = true, cache = true, last_only = true}
     function LM:forward(input_ids, opts)
       opts = core.check_opts(lm_name, opts, MOE_OPTS, 2)
       local cfg = self.config
       local out = common.causal_lm_forward(self, lm_name, self.model, input_ids, {labels = opts.labels,
-                                           cache = opts.cache, last_only = opts.last_only})
+                                           logits = opts.logits, cache = opts.cache, last_only = opts.last_only})
       local want = opts.output_router_logits
       if want == nil then want = cfg.output_router_logits end
       local blocks = {}
@@ -247,6 +255,7 @@ function M.make(traits)
 
   local function build(cfg, o)
     local self = Module.init(setmetatable({}, LM))
+    rawset(self, "_class_names", class_names)
     self:register_module("model", Base.new(cfg, o))
     self:register_module("lm_head", Linear.new(cfg.hidden_size, cfg.vocab_size,
       {bias = false, std = cfg.initializer_range, device = o.device, dtype = o.dtype}))

@@ -67,6 +67,7 @@ end
 
 M.build, M.classes = decoder.make{
   prefix = "Mixtral",
+  class_names = {MoEExpert = "MixtralBlockSparseTop2MLP"},   -- transformers v4's name of one expert
   attention = function(cfg) return {bias = false, window = cfg.sliding_window or 0} end,
   mlp = function() return {bias = false} end,
   ffn = function(cfg, _, o)

@@ -18,6 +18,6 @@ end
 
 function Conv1D:forward(x) return basic.linear(x, self.weight, self.bias, true) end
 
-function Conv1D:extra_repr() return ("nx=%d, nf=%d"):format(self.in_features, self.out_features) end
+function Conv1D:extra_repr() return ("nf=%d, nx=%d"):format(self.out_features, self.in_features) end  -- transformers' order
 
 return Conv1D

@@ -24,6 +24,6 @@ function Dropout:forward(x)
   return ops.dropout(x, self.p, self.seed, keys.next())
 end
 
-function Dropout:extra_repr() return ("p=%g"):format(self.p) end
+function Dropout:extra_repr() return ("p=%s, inplace=False"):format(Module.repr_float(self.p)) end
 
 return Dropout

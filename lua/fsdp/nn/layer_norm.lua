@@ -18,6 +18,9 @@ end
 
 function LayerNorm:forward(x) return ops.layer_norm(x, self.weight, self.bias, self.eps) end
 
-function LayerNorm:extra_repr() return ("(%d,), eps=%g"):format(self.dim, self.eps) end
+function LayerNorm:extra_repr()
+  return ("(%d,), eps=%s, elementwise_affine=True, bias=%s"):format(self.dim, Module.repr_float(self.eps),
+                                                                   Module.repr_bool(self.bias ~= nil))
+end
 
 return LayerNorm

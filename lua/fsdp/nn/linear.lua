@@ -3,6 +3,7 @@ local core   = require "fsdp.core"
 local Module = require "fsdp.nn.module"
 local param  = require "fsdp.nn.param"
 local basic  = require "fsdp.ops.basic"
+local ops    = require "fsdp.nn.ops"
 
 local Linear = Module.class("Linear")
 local OPTS = {bias = true, std = true, device = true, dtype = true, seed = true}
@@ -17,10 +18,18 @@ function Linear.new(in_features, out_features, opts)
   return self
 end
 
-function Linear:forward(x) return basic.linear(x, self.weight, self.bias, false) end
+-- forward(x) -> x W^T + b. forward(h [N, in], targets [N]) -> the mean cross-entropy of h W^T over targets ~= -100
+-- without the [N, out] logits (a bias-free language-model head): called through the module, so FSDP gathers the
+-- weight as for a plain forward.
+function Linear:forward(x, targets)
+  if targets == nil then return basic.linear(x, self.weight, self.bias, false) end
+  if self.bias then core.raise("Linear: the fused cross-entropy head takes no bias") end
+  return ops.linear_cross_entropy(x, self.weight, targets, -100)
+end
 
 function Linear:extra_repr()
-  return ("in_features=%d, out_features=%d, bias=%s"):format(self.in_features, self.out_features, tostring(self.bias ~= nil))
+  return ("in_features=%d, out_features=%d, bias=%s"):format(self.in_features, self.out_features,
+                                                    Module.repr_bool(self.bias ~= nil))
 end
 
 return Linear

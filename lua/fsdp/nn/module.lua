@@ -363,17 +363,139 @@ end
 
 function Module:extra_repr() return "" end
 
-local function render(m, indent)
-  local head = (m.__name or "Module") .. "(" .. m:extra_repr()
-  if #m._module_names == 0 then return head .. ")" end
-  local lines = {head}
-  for _, n in ipairs(m._module_names) do
-    lines[#lines + 1] = indent .. "  (" .. n .. "): " .. render(m._modules[n], indent .. "  ")
+-- A float as Python's repr writes it (shortest round trip; exponent form below 1e-4 and from 1e16): extra_repr
+-- strings then read as PyTorch's ("eps=1e-06", "p=0.0").
+function Module.repr_float(v)
+  if v ~= v then return "nan" end
+  if v == math.huge then return "inf" elseif v == -math.huge then return "-inf" end
+  local s
+  for p = 0, 16 do
+    s = ("%." .. p .. "e"):format(v)
+    if tonumber(s) == v then break end
   end
-  lines[#lines + 1] = indent .. ")"
-  return table.concat(lines, "\n")
+  local sign, mant, exp = s:match("^(%-?)([%d%.]+)e([%+%-]%d+)$")
+  exp = tonumber(exp)
+  local digits = mant:gsub("%.", ""):gsub("0+$", "")
+  if digits == "" then digits = "0" end
+  if exp < -4 or exp >= 16 then
+    local m = digits:sub(1, 1) .. (#digits > 1 and ("." .. digits:sub(2)) or "")
+    return ("%s%se%s%02d"):format(sign, m, exp < 0 and "-" or "+", math.abs(exp))
+  elseif exp >= 0 then
+    local int = digits:sub(1, exp + 1)
+    int = int .. ("0"):rep(exp + 1 - #int)
+    local frac = digits:sub(exp + 2)
+    return sign .. int .. "." .. (frac == "" and "0" or frac)
+  end
+  return sign .. "0." .. ("0"):rep(-exp - 1) .. digits
 end
 
-function Module.__tostring(m) return render(m, "") end
+-- Python's True / False, for extra_repr.
+function Module.repr_bool(b) return b and "True" or "False" end
+
+-- Notes the printed tree carries after a module's first line (besides its parameter count): nil here; a
+-- data-parallel extension (Module.extend) overrides it to return fn(module) -> note or nil (FSDP: the unit).
+function Module:module_notes() return nil end
+
+local function with_commas(n)
+  local sign, digits = ("%d"):format(n):match("^(%-?)(%d+)$")
+  local grouped = digits:reverse():gsub("(%d%d%d)", "%1,"):reverse()
+  return sign .. (grouped:sub(1, 1) == "," and grouped:sub(2) or grouped)
+end
+Module.with_commas = with_commas
+
+-- Parameters in a module's subtree, each tensor once (a tied weight counts in every subtree that holds it and
+-- once in their common ancestor), by their full (global) shape, so a sharded model counts what it models.
+local function count_params(m)
+  local seen = {}
+  local function walk(x)
+    for _, pn in ipairs(x._param_names) do seen[x._params[pn]] = true end
+    for _, n in ipairs(x._module_names) do walk(x._modules[n]) end
+  end
+  walk(m)
+  local n = 0
+  for t in pairs(seen) do n = n + t:numel() end
+  return n
+end
+
+-- PyTorch's _addindent: every line after the first indented by `n` spaces.
+local function addindent(s, n)
+  return (s:gsub("\n", "\n" .. (" "):rep(n)))
+end
+
+-- Replaces the dotted name `path` (followed by a non-digit or the end) by `with` in s: a ModuleList's children
+-- compare equal when they differ only by their own index (a unit named after each block).
+local function replace_path(s, path, with)
+  local out, i = {}, 1
+  while true do
+    local a, b = s:find(path, i, true)
+    if not a then break end
+    local nxt = s:sub(b + 1, b + 1)
+    if nxt:match("%d") then
+      out[#out + 1] = s:sub(i, b)
+    else
+      out[#out + 1] = s:sub(i, a - 1) .. with
+    end
+    i = b + 1
+  end
+  out[#out + 1] = s:sub(i)
+  return table.concat(out)
+end
+
+-- The tree as PyTorch's nn.Module.__repr__ prints it: Class(extra_repr) for a leaf; for a parent, its extra_repr
+-- and then "(name): child" lines indented by two; a ModuleList's runs of identical children as
+-- "(0-31): 32 x Block(...)" (classes that set fold_repeats). Class names are the model's (transformers' names,
+-- from the root's _class_names).
+-- Each module with parameters ends its first line with "  # N params", plus the root's module_notes.
+local function render(m, path, ctx)
+  local cls = m.__name or "Module"
+  local name = ctx.names[cls] or cls
+  local extra = m:extra_repr()
+  local extra_lines = {}
+  if extra ~= "" then for line in (extra .. "\n"):gmatch("(.-)\n") do extra_lines[#extra_lines + 1] = line end end
+  local child_lines = {}
+  local function child_path(n) return path == "" and n or (path .. "." .. n) end
+  if m.fold_repeats then
+    local reprs, keys = {}, {}
+    for i, n in ipairs(m._module_names) do
+      local cp = child_path(n)
+      reprs[i] = render(m._modules[n], cp, ctx)
+      keys[i] = path ~= "" and replace_path(reprs[i], cp, path .. ".\0") or reprs[i]
+    end
+    local i = 1
+    while i <= #reprs do
+      local j = i
+      while j < #reprs and keys[j + 1] == keys[i] do j = j + 1 end
+      local line
+      if j > i then
+        local r = path ~= "" and replace_path(keys[i], path .. ".\0", ("%s.{%s-%s}"):format(path,
+          m._module_names[i], m._module_names[j])) or reprs[i]
+        line = ("(%s-%s): %d x %s"):format(m._module_names[i], m._module_names[j], j - i + 1, r)
+      else
+        line = ("(%s): %s"):format(m._module_names[i], reprs[i])
+      end
+      child_lines[#child_lines + 1] = addindent(line, 2)
+      i = j + 1
+    end
+  else
+    for _, n in ipairs(m._module_names) do
+      child_lines[#child_lines + 1] = "(" .. n .. "): " .. addindent(render(m._modules[n], child_path(n), ctx), 2)
+    end
+  end
+  local notes = {}
+  local count = count_params(m)
+  if count > 0 then notes[#notes + 1] = with_commas(count) .. (count == 1 and " param" or " params") end
+  local note = ctx.note and ctx.note(m)
+  if note then notes[#notes + 1] = note end
+  local tail = #notes > 0 and ("  # " .. table.concat(notes, "; ")) or ""
+  if #child_lines == 0 and #extra_lines <= 1 then return name .. "(" .. (extra_lines[1] or "") .. ")" .. tail end
+  local lines = {}
+  for _, l in ipairs(extra_lines) do lines[#lines + 1] = l end
+  for _, l in ipairs(child_lines) do lines[#lines + 1] = l end
+  return name .. "(" .. tail .. "\n  " .. table.concat(lines, "\n  ") .. "\n)"
+end
+
+function Module.__tostring(m)
+  return render(m, "", {names = rawget(m, "_class_names") or {}, note = m:module_notes()})
+end
 
 return Module

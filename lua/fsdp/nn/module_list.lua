@@ -3,6 +3,7 @@
 local Module = require "fsdp.nn.module"
 
 local ModuleList = Module.class("ModuleList")
+ModuleList.fold_repeats = true   -- prints runs of identical children once, "(0-31): 32 x Layer(...)", as PyTorch
 
 function ModuleList.new(mods)
   local self = Module.init(setmetatable({}, ModuleList))

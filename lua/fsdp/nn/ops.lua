@@ -44,6 +44,12 @@ function M.attention(q, k, v, scale, window, p, seed, key)
              "attention")
 end
 
+-- Mean cross-entropy of h [N, H] W^T (W [V, H]) over targets ~= ignore_index, never holding the [N, V] logits.
+function M.linear_cross_entropy(h, w, targets, ignore_index)
+  return own(C.fl_linear_cross_entropy(ptr(h, "linear_cross_entropy", 1), ptr(w, "linear_cross_entropy", 2),
+                                       ptr(targets, "linear_cross_entropy", 3), ignore_index or -100), "linear_cross_entropy")
+end
+
 function M.cross_entropy(logits, targets, ignore_index)
   return own(C.fl_cross_entropy(ptr(logits, "cross_entropy", 1), ptr(targets, "cross_entropy", 2), ignore_index or -100),
              "cross_entropy")

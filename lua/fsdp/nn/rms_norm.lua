@@ -17,6 +17,6 @@ end
 
 function RMSNorm:forward(x) return ops.rms_norm(x, self.weight, self.eps) end
 
-function RMSNorm:extra_repr() return ("(%d,), eps=%g"):format(self.dim, self.eps) end
+function RMSNorm:extra_repr() return ("(%d,), eps=%s"):format(self.dim, Module.repr_float(self.eps)) end
 
 return RMSNorm

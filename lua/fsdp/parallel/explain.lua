@@ -1,11 +1,14 @@
 -- lua/fsdp/parallel/explain.lua: explain(model, plan, world_size) — the units a plan resolves to (plan.lua) with
--- every rank's dim-0 shard of every parameter, without communicating; format() is the table the REPL prints.
+-- every rank's dim-0 shard of every parameter and the memory that implies, without communicating or sharding;
+-- it prints the same table fsdp.shards prints after sharding (shard_table.lua) and the estimate (memory.lua).
 local ffi  = require "ffi"
 local core = require "fsdp.core"
 local plans = require "fsdp.parallel.plan"
+local ST    = require "fsdp.parallel.shard_table"
+local memory = require "fsdp.parallel.memory"
 
 local C = core.C
-local fail, protect, resolve, mp_str = plans.fail, plans.protect, plans.resolve_tree, plans.mp_str
+local fail, protect, resolve = plans.fail, plans.protect, plans.resolve_tree
 local M = {}
 
 local Explanation = {}
@@ -37,12 +40,24 @@ local function shard_of(t, W)
   return s
 end
 
+local EXPLAIN_OPTS = {mixed_precision = true, cpu_offload = true, reshard_after_forward = true, optimizer = true}
+
 local function explain(model, plan, world_size, opts)
   if type(world_size) ~= "number" or world_size < 1 or world_size ~= math.floor(world_size) then
     fail("explain: world_size must be a positive integer, got %s", tostring(world_size))
   end
+  opts = opts or {}
+  if type(opts) ~= "table" then fail("explain: options must be a table, got %s", type(opts)) end
+  local resolve_opts = {}
+  for k, v in pairs(opts) do
+    if not EXPLAIN_OPTS[k] then
+      fail("explain: unknown option '%s' (valid: cpu_offload, mixed_precision, optimizer, reshard_after_forward)",
+           tostring(k))
+    end
+    if k ~= "optimizer" then resolve_opts[k] = v end
+  end
   local W = world_size
-  local units, tree = resolve(model, plan, opts)
+  local units, tree = resolve(model, plan, resolve_opts)
   local tensor_of = {}
   for _, p in ipairs(tree.params) do tensor_of[p.name] = p.tensor end
   local total, total_rank, total_padded = 0, {}, 0
@@ -62,64 +77,30 @@ local function explain(model, plan, world_size, opts)
     for r = 0, W - 1 do total_rank[r] = total_rank[r] + u.numel_per_rank[r] end
     total_padded = total_padded + u.padded_numel_per_rank
   end
+  -- the table fsdp.shards prints after apply_plan at W ranks, and the memory it implies
+  local tbl = ST.from_plan(units, tensor_of, W, M.dim0_shard)
+  tbl.memory = memory.estimate(model, tbl, tree, {optimizer = opts.optimizer})
   return setmetatable({world_size = W, units = units, numel = total, numel_per_rank = total_rank,
-                       padded_numel_per_rank = total_padded}, Explanation)
+                       padded_numel_per_rank = total_padded, table = tbl, memory = tbl.memory}, Explanation)
 end
 
--- explain(model, plan, world_size, opts) -> {world_size, units, numel, numel_per_rank = {[r]}, padded_numel_per_rank}
+-- explain(model, plan, world_size, {mixed_precision =, cpu_offload =, reshard_after_forward =, optimizer =})
+-- -> {world_size, units, numel, numel_per_rank = {[r]}, padded_numel_per_rank, table, memory}
 -- where each unit is resolve's plus numel, numel_per_rank = {[r]}, padded_numel_per_rank (the per-rank size of
 -- its all-gather buffer), padded_numel, and shards = {[param] = {shape, dtype, rows, row_numel, numel,
 -- rows_per_rank = ceil(d0/W), padded_rows, ranges = {[r] = {first_row (0-based), n_rows}} for r = 0..W-1,
--- numel_per_rank = {[r]}, padded_numel_per_rank}}. tostring() of it (or M.format) is the table the REPL prints.
+-- numel_per_rank = {[r]}, padded_numel_per_rank}}. `table` is the shard table fsdp.shards(model) returns once the
+-- plan is applied at W ranks (shard_table.lua: units that hold parameters, every rank's rows and bytes);
+-- `memory` the per-rank memory it implies (memory.lua: estimate; optimizer = "adamw" by default, "sgd",
+-- "sgd_momentum", "none" or {states = n}). tostring() of it (or M.format) prints both.
 function M.explain(model, plan, world_size, opts)
   local ex = protect(explain, model, plan, world_size, opts)   -- not a tail call: errors point at our caller
   return ex
 end
 
-local function policy_str(u)
-  local parts = {u.reshard_after_forward and "free_full_weight" or "keep_full_weight"}
-  if u.cpu_offload then parts[#parts + 1] = "cpu_offload" end
-  if u.mixed_precision then parts[#parts + 1] = "mp " .. mp_str(u.mixed_precision) end
-  return table.concat(parts, ", ")
-end
-
--- A readable table: one block per unit (policy, modules, per-rank element counts) and one line per parameter
--- with its shape and each rank's rows as rank:first_row+n_rows (first_row 0-based).
 function M.format(ex)
   if getmetatable(ex) ~= Explanation then error("plan.format: expected the result of explain()", 2) end
-  local W = ex.world_size
-  local lines = {}
-  local function add(fmt, ...) lines[#lines + 1] = fmt:format(...) end
-  local function per_rank(t)
-    local parts = {}
-    for r = 0, W - 1 do parts[#parts + 1] = tostring(t[r]) end
-    return table.concat(parts, " / ")
-  end
-  add("FSDP plan: %d units over %d rank%s, %d parameters (elements); per rank %s (padded %d)", #ex.units, W,
-      W == 1 and "" or "s", ex.numel, per_rank(ex.numel_per_rank), ex.padded_numel_per_rank)
-  for i, u in ipairs(ex.units) do
-    add("")
-    add("unit %d  %s%s  [%s]", i, u.is_root and "root" or u.name, u.is_root and " (rest of the model)" or "",
-        policy_str(u))
-    if not u.is_root then add("  modules: %s", table.concat(u.modules, ", ")) end
-    if #u.extra_modules > 0 then add("  also used by: %s", table.concat(u.extra_modules, ", ")) end
-    add("  %d params, %d elements; per rank %s (padded %d)", #u.params, u.numel, per_rank(u.numel_per_rank),
-        u.padded_numel_per_rank)
-    local width, swidth = 0, 0
-    for _, pn in ipairs(u.params) do
-      width = math.max(width, #pn)
-      swidth = math.max(swidth, #table.concat(u.shards[pn].shape, ", ") + 2)
-    end
-    for _, pn in ipairs(u.params) do
-      local s = u.shards[pn]
-      local rs = {}
-      for r = 0, W - 1 do rs[#rs + 1] = ("%d:%d+%d"):format(r, s.ranges[r][1], s.ranges[r][2]) end
-      local tied = u.tied[pn] and ("  (tied: " .. table.concat(u.tied[pn].names, " = ") .. ")") or ""
-      add("    %-" .. width .. "s  %-4s %-" .. swidth .. "s  %d rows/rank  %s%s", pn, s.dtype,
-          "[" .. table.concat(s.shape, ", ") .. "]", s.rows_per_rank, table.concat(rs, " "), tied)
-    end
-  end
-  return table.concat(lines, "\n")
+  return ST.format(ex.table)
 end
 
 Explanation.__tostring = M.format

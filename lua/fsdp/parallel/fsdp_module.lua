@@ -1,6 +1,7 @@
 -- lua/fsdp/parallel/fsdp_module.lua: what a sharded module can do (FSDP2's FSDPModule): the methods its FSDP
--- class adds (Module.extend) — gradient sync for accumulation, gathering a full state dict, is_sharded — and
--- the inspection of a sharded model's units (shards, unsharded counts, memory).
+-- class adds (Module.extend) — gradient sync for accumulation, gathering a full state dict, is_sharded, the unit
+-- marks of the printed module tree — and the inspection of a sharded model's units (shards: shard_table.lua;
+-- unsharded counts; memory_stats: memory.lua).
 local core   = require "fsdp.core"
 local Tensor = require "fsdp.tensor"
 local Module = require "fsdp.nn.module"
@@ -44,7 +45,21 @@ local function full_state_dict(model, opts)
   return out
 end
 
+-- How the module tree marks units when it prints (nn.Module's module_notes): a module a unit hooks gets
+-- "FSDP unit NAME [policy] state"; one that only uses a unit's tied weight, "uses FSDP unit NAME".
+local function module_notes(model)
+  local ST = require "fsdp.parallel.shard_table"
+  group_of(model, "module_notes")
+  return function(m)
+    local u = rawget(m, "_fsdp_unit")
+    if not u then return nil end
+    if u.extra and u.extra[m] then return ("uses FSDP unit %s (tied weight)"):format(u.name) end
+    return ("FSDP unit %s [%s] %s"):format(u.name, ST.policy_str(u), C.fl_fsdp_is_unsharded(u.ptr) and "gathered" or "sharded")
+  end
+end
+
 local METHODS = {
+  module_notes = module_notes,
   set_requires_gradient_sync = set_requires_gradient_sync,
   full_state_dict = full_state_dict,
   is_sharded = function() return true end,
@@ -58,18 +73,12 @@ end
 
 M.set_requires_gradient_sync, M.full_state_dict = set_requires_gradient_sync, full_state_dict
 
--- The units of a sharded model with this rank's rows of each parameter.
+-- shards(model) -> the shard table (shard_table.lua) of a sharded model now: per unit its policy and state
+-- (sharded or gathered), per parameter its global shape, dtype and every rank's rows and bytes (from the shard
+-- geometry; nothing is communicated). tostring() prints it; shards(model)[i] is unit i.
 function M.shards(model)
-  local out = {}
-  for i, u in ipairs(group_of(model, "shards").units) do
-    local ps = {}
-    for j, e in ipairs(u.params) do
-      local row0 = tonumber(C.fl_fsdp_unit_shard_row0(u.ptr, j - 1))
-      ps[j] = {name = e.name, shape = e.full:shape(), first_row = row0, rows = u.shards[j]:size(1)}
-    end
-    out[i] = {name = u.name, params = ps, unsharded = C.fl_fsdp_is_unsharded(u.ptr)}
-  end
-  return out
+  local ST = require "fsdp.parallel.shard_table"
+  return ST.from_group(model, group_of(model, "shards"), require("fsdp.parallel.explain").dim0_shard)
 end
 
 function M.group(model) return rawget(model, "_fsdp_group") end
@@ -83,16 +92,7 @@ function M.peak_unsharded(model, reset)
   return C.fl_fsdp_group_peak_unsharded(group_of(model, "peak_unsharded").ptr, reset and true or false)
 end
 
--- Current and peak bytes per category on this rank.
-function M.memory_stats()
-  local out = {}
-  for name, id in pairs(core.mem_categories) do
-    out[name] = {current = tonumber(C.fl_mem_current(id)), peak = tonumber(C.fl_mem_peak(id))}
-  end
-  out.total = {current = tonumber(C.fl_mem_total_current()), peak = tonumber(C.fl_mem_total_peak())}
-  return out
-end
-
-function M.reset_peak_memory() C.fl_mem_reset_peak() end
+local memory = require "fsdp.parallel.memory"
+M.memory_stats, M.reset_peak_memory = memory.memory_stats, memory.reset_peak_memory
 
 return M

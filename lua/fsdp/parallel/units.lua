@@ -60,9 +60,10 @@ local function unit_hooks(u)
 end
 
 -- Makes one unit over `params` (records {name, full, module, local_name, on_meta, deferred_init}, see
--- param_entries) on the modules `mods`. Shards of meta parameters are initialised from their init spec for this
--- rank's rows only, or (deferred_init: fully_shard, which sees local names only) left for model:materialize.
-local function make_unit(group, spec, params, mods, opts)
+-- param_entries) on the modules `mods` (`extra`: the set of those that only use one of its tied parameters). Shards
+-- of meta parameters are initialised from their init spec for this rank's rows only, or (deferred_init:
+-- fully_shard, which sees local names only) left for model:materialize.
+local function make_unit(group, spec, params, mods, opts, extra)
   local shard_comm, rep_comm = comms_of(opts.mesh)
   local pd, rd, od = mp_dtypes(spec.mixed_precision)
   local n = #params
@@ -71,14 +72,28 @@ local function make_unit(group, spec, params, mods, opts)
   local up = C.fl_fsdp_unit_new(group.ptr, spec.name, shard_comm, rep_comm, n, arr, core.dtypes[pd], core.dtypes[rd],
                                 spec.reshard_after_forward and true or false)
   if up == nil then core.raise(core.last_error()) end
-  local u = {ptr = up, name = spec.name, params = params, shards = {}, output_dtype = od, cpu_offload = spec.cpu_offload}
+  local u = {ptr = up, name = spec.name, params = params, shards = {}, output_dtype = od, cpu_offload = spec.cpu_offload,
+             reshard_after_forward = spec.reshard_after_forward and true or false,
+             mixed_precision = spec.mixed_precision, param_dtype = pd, extra = extra or {},
+             modules = spec.modules, extra_modules = spec.extra_modules, is_root = spec.is_root, group = group}
+  -- A printed shard reads its unit's state; held weakly, so that a shard outliving its model does not keep the
+  -- model's units alive, and reads nothing once they are gone (u.group keeps the engine group alive while u is).
+  local weak = setmetatable({u = u}, {__mode = "v"})
+  local function state()
+    local w = weak.u
+    if not w then return "released" end
+    return C.fl_fsdp_is_unsharded(w.ptr) and "gathered" or "sharded"
+  end
   local seed = opts.seed or 0
   for i, e in ipairs(params) do
     local shard = Tensor.wrap(C.fl_fsdp_unit_shard(up, i - 1))
     local full = e.full
     local row0 = tonumber(C.fl_fsdp_unit_shard_row0(up, i - 1))
     local offset = row0 * (full:numel() / math.max(full:dim() > 0 and full:size(1) or 1, 1))
-    local info = {group = shard_comm, offset = offset, numel = full:numel()}
+    -- what printing and inspection read (tensor_str.lua, fsdp.shards): the unit, its state, this rank's rows
+    local info = {group = shard_comm, offset = offset, numel = full:numel(), unit = spec.name, state = state,
+                  row0 = row0, nrows = shard:size(1),   -- a shard has dim 0 even for a 0-d parameter
+                  full_rows = full:dim() > 0 and full:size(1) or 1}
     if e.on_meta and opts.init ~= false then   -- this rank's rows of the full initialisation
       if e.deferred_init then
         info.pending_init = true
@@ -174,7 +189,7 @@ function M.apply_plan(model, plan, opts)
   local params, mods = param_entries(model), modules_by_name(model)
   local work = {}
   for _, spec in ipairs(units) do
-    local plist, mlist = {}, {}
+    local plist, mlist, extra = {}, {}, {}
     for _, pn in ipairs(spec.params) do
       local e = params[pn]
       if not e then core.raise(("apply_plan: unit %s names parameter '%s', which the model does not have"):format(spec.name, pn)) end
@@ -187,20 +202,22 @@ function M.apply_plan(model, plan, opts)
     for _, mn in ipairs(spec.modules) do names[#names + 1] = mn end
     -- modules the root claims that use one of this unit's tied weights: calling them unshards this unit too
     for _, mn in ipairs(spec.extra_modules or {}) do names[#names + 1] = mn end
-    for _, mn in ipairs(names) do
+    local first_extra = #spec.modules + 1
+    for k, mn in ipairs(names) do
       local m = mods[mn]
       if not m then core.raise(("apply_plan: unit %s names module '%s', which the model does not have"):format(spec.name, mn)) end
       if rawget(m, "_fsdp_unit") then
         core.raise(("apply_plan: module '%s' already belongs to unit %s"):format(mn, m._fsdp_unit.name))
       end
       mlist[#mlist + 1] = m
+      if k >= first_extra then extra[m] = true end
     end
-    if #plist > 0 then work[#work + 1] = {spec, plist, mlist} end
+    if #plist > 0 then work[#work + 1] = {spec, plist, mlist, extra} end
   end
   check_same_units(units, params, opts.mesh)
   local group = M.new_group()
   group.mesh = opts.mesh   -- its process groups must live as long as the units that use them
-  for _, w in ipairs(work) do make_unit(group, w[1], w[2], w[3], opts) end
+  for _, w in ipairs(work) do make_unit(group, w[1], w[2], w[3], opts, w[4]) end
   require("fsdp.parallel.fsdp_module").attach(model, group)
   return model
 end
@@ -250,7 +267,7 @@ function M.fully_shard(target, opts)
     local g = sub._fsdp_group
     if g ~= group then
       core.check(C.fl_fsdp_group_merge(group.ptr, g.ptr), "fully_shard", 2)
-      for _, u in ipairs(g.units) do group.units[#group.units + 1] = u end
+      for _, u in ipairs(g.units) do group.units[#group.units + 1] = u; u.group = group end
       g.units = {}
     end
     rawset(sub, "_fsdp_group", group)
