@@ -104,7 +104,7 @@ describe("repl", function()
     assert.equal("ready", kind)
     assert.equal("for i = 1, 2 do\nend", src)
     assert.is_false(s:run(f))                          -- a statement: no values
-    kind, f = s:push("=1, 'a'")
+    f = select(2, s:push("=1, 'a'"))
     assert.equal("1\ta", s:run(f))
     local value, err = s:run(select(2, s:push("error('x')")))
     assert.is_nil(value)

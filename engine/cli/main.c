@@ -27,6 +27,7 @@
 #include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
+#include <termios.h>
 #include <unistd.h>
 
 #ifndef FL_LUA_DIR
@@ -288,7 +289,7 @@ static void on_sigint(int sig) {
 /* libedit's input, one character (a Unicode code point, decoded from UTF-8) at a time: -1 ends the line read,
  * at end of input or when Ctrl-C was pressed. Ctrl-C may come at any point: before the poll (the wake pipe
  * makes it return), during it or during the read (EINTR: the handler has no SA_RESTART while a line is read), or
- * between the two, after the terminal has flushed the typed characters with the signal: a terminal's read
+ * between the two, after the terminal has flushed the typed characters with the signal: a raw terminal's read
  * therefore only runs when FIONREAD says a byte is there, so that it never blocks. */
 static int read_byte(int fd) {
     bool tty = isatty(fd);
@@ -304,10 +305,14 @@ static int read_byte(int fd) {
             while (read(wake_pipe[0], drain, sizeof drain) > 0) {}
             continue;
         }
+        /* In raw mode a readable terminal with nothing to read was flushed by Ctrl-C: back to poll. In canonical
+         * mode (libedit reads typed-ahead lines before it switches to raw) nothing to read is Ctrl-D's EOF. */
+        struct termios tm;
         int avail = 1;
-        if (tty && ioctl(fd, FIONREAD, &avail) == 0 && avail == 0) {
+        if (tty && tcgetattr(fd, &tm) == 0 && !(tm.c_lflag & ICANON) && ioctl(fd, FIONREAD, &avail) == 0 &&
+            avail == 0) {
             if (pf[0].revents & (POLLHUP | POLLERR)) return -1;   /* the terminal is gone */
-            continue;                                             /* flushed by Ctrl-C: back to poll */
+            continue;
         }
         unsigned char c;
         ssize_t n = read(fd, &c, 1);

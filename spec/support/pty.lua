@@ -5,32 +5,38 @@
 --
 --   local pty = require "pty"
 --   local p = pty.spawn({"build/fsdp-lua"}, {env = {HOME = dir}, limit = 20})
---   p:expect("> ")                 -- reads until the text appears; returns what was read since the last expect
---   p:send("1 + 1\r")
---   local seen = p:expect("\n2\r\n")
+--   p:expect("> ")                 -- reads until the screen shows the text; returns the screen since the last expect
+--   p:type("1 + 1\r")             -- once the program reads keys (send: at once, e.g. Ctrl-C while it runs)
+--   local seen = p:expect("\n2\n")  -- the screen's lines end in "\n"
 --   p:send("\4")                   -- Ctrl-D
 --   assert.equal(0, p:wait())      -- exit status
 --   p:close()                      -- kills what is left (always call it, e.g. in a finally)
 local ffi = require "ffi"
 
-ffi.cdef [[
-typedef int pid_t;
-struct fl_pty_winsize { unsigned short ws_row, ws_col, ws_xpixel, ws_ypixel; };
-struct fl_pty_pollfd { int fd; short events; short revents; };
-pid_t forkpty(int *amaster, char *name, const void *termp, const struct fl_pty_winsize *winp);
-int execvp(const char *file, char *const argv[]);
-void _exit(int status);
-long read(int fd, void *buf, size_t n);
-long write(int fd, const void *buf, size_t n);
-int close(int fd);
-int poll(struct fl_pty_pollfd *fds, unsigned long nfds, int timeout);
-int kill(pid_t pid, int sig);
-pid_t waitpid(pid_t pid, int *status, int options);
-int chdir(const char *path);
-]]
+-- One declaration at a time, each allowed to exist already (another module may have declared kill or waitpid).
+for _, decl in ipairs {
+  "struct fl_pty_winsize { unsigned short ws_row, ws_col, ws_xpixel, ws_ypixel; };",
+  "struct fl_pty_pollfd { int fd; short events; short revents; };",
+  "struct fl_pty_timespec { long tv_sec; long tv_nsec; };",
+  "int forkpty(int *amaster, char *name, const void *termp, const struct fl_pty_winsize *winp);",
+  "int execvp(const char *file, char *const argv[]);",
+  "void _exit(int status);",
+  "long read(int fd, void *buf, size_t n);",
+  "long write(int fd, const void *buf, size_t n);",
+  "int close(int fd);",
+  "int poll(struct fl_pty_pollfd *fds, unsigned long nfds, int timeout);",
+  "int kill(int pid, int sig);",
+  "int waitpid(int pid, int *status, int options);",
+  "int chdir(const char *path);",
+  "int clock_gettime(int clk, struct fl_pty_timespec *ts);",
+  -- Linux's struct termios (x86_64 and aarch64 alike); only c_lflag is read
+  "struct fl_pty_termios { unsigned int c_iflag, c_oflag, c_cflag, c_lflag; unsigned char c_line, c_cc[32]; "
+    .. "unsigned int c_ispeed, c_ospeed; };",
+  "int tcgetattr(int fd, struct fl_pty_termios *t);",
+} do pcall(ffi.cdef, decl) end
 local C = ffi.C
 
-local SIGKILL, WNOHANG, POLLIN = 9, 1, 1
+local SIGKILL, WNOHANG, POLLIN, CLOCK_MONOTONIC, ICANON = 9, 1, 1, 1, 2
 
 -- ---- a minimal terminal: what the screen shows, as lines ----
 -- libedit redraws a line with carriage returns, cursor moves (ESC[nG, ESC[nC/D), erases (ESC[K) and bells;
@@ -108,22 +114,15 @@ local M = {}
 local Pty = {}
 Pty.__index = Pty
 
+local ts = ffi.new("struct fl_pty_timespec")
 local function now()
-  local p = io.popen("date +%s.%N")
-  local s = p:read("*l")
-  p:close()
-  return tonumber(s) or os.time()
+  C.clock_gettime(CLOCK_MONOTONIC, ts)
+  return tonumber(ts.tv_sec) + tonumber(ts.tv_nsec) * 1e-9
 end
 M.now = now
 
 function M.sleep(seconds) C.poll(nil, 0, math.floor(seconds * 1000)) end
 
--- Terminal control sequences (colours, cursor moves, the erase libedit sends) removed; \r\n kept as \n.
-function M.plain(s)
-  s = s:gsub("\27%[[%d;?]*[%a@]", ""):gsub("\27[%(%)][%w]", ""):gsub("\27[=>78]", "")
-  s = s:gsub("\r\n", "\n"):gsub("\r", "")
-  return s
-end
 
 -- spawn(argv, {env = {NAME = value}, cwd = dir, limit = seconds (default 30), cols = 200})
 function M.spawn(argv, opts)
@@ -167,6 +166,7 @@ function M.spawn(argv, opts)
     C.execvp("env", cargv)
     C._exit(127)
   end
+  -- all: every byte the program wrote, as written (for a failing spec's own debugging)
   return setmetatable({pid = pid, fd = master[0], all = "", keep = keep, screen = new_screen(), mrow = 1, mcol = 0,
                        deadline = now() + (opts.limit or 30), status = nil}, Pty)
 end
@@ -192,6 +192,24 @@ function Pty:send(s)
     if n <= 0 then error("pty: cannot write to the terminal", 2) end
     off = off + n
   end
+end
+
+-- Waits until the program reads the terminal key by key (libedit's raw mode: ICANON off), then types s. A key
+-- typed while the terminal is still in line mode is the kernel's to handle: it echoes it before libedit echoes it
+-- again, and Ctrl-D there is an end of file that the switch to raw mode drops. A person is never that fast; a
+-- spec is, after the prompt appears and before libedit has switched (it prints the prompt first when input is
+-- already waiting). On Linux the master's termios are the line's.
+function Pty:type(s, timeout)
+  local t_end = math.min(now() + (timeout or 10), self.deadline)
+  local tm = ffi.new("struct fl_pty_termios")
+  while not (C.tcgetattr(self.fd, tm) == 0 and bit.band(tm.c_lflag, ICANON) == 0) do
+    if now() > t_end or not self:pump(10) then
+      self:close()
+      error(("pty: the program did not start reading keys within %gs; the screen shows:\n%s")
+            :format(timeout or 10, self:seen()), 2)
+    end
+  end
+  self:send(s)
 end
 
 -- What the screen shows after the last expect (see Screen).
