@@ -49,7 +49,8 @@ static void owe(fl_comm *c, void *arg) {
 }
 
 /* The three exchanges happen on every rank whatever fails locally, so that the control group stays in step;
- * a local failure travels in the last one, and every rank then returns the same error. */
+ * a local failure travels in the last one, and every rank then returns the same error. Out of memory for the
+ * exchanges themselves ends the job: a rank that left them would leave its peers waiting. */
 int fl_comm_resync(fl_comm *ctrl, double timeout_s) {
     if (!ctrl || !ctrl->control) return fl_fail(FL_EINVAL, "resync: needs a control group (fl_comm_control_new)");
     if (!ctrl->mpi) return FL_OK;   /* one rank: nothing can be out of step */
@@ -63,23 +64,15 @@ int fl_comm_resync(fl_comm *ctrl, double timeout_s) {
     if (s.rc < 0) { snprintf(local, sizeof local, "%s", fl_last_error()); s.n = 0; }
     /* 1. Every rank's (uid, issued) list: the lengths, then the lists padded to the longest (uid 0 is no group). */
     int64_t len = s.n, most = 0, *counts = calloc((size_t)n, sizeof *counts);
-    if (!counts) fl_dist_abort(1, "fsdp: resync: out of memory");   /* the peers would wait for this rank */
+    if (!counts) fl_dist_abort(1, "fsdp: resync: out of memory");
     int rc = allgather_direct(ctrl, &len, counts, sizeof len);
     for (int32_t r = 0; rc == 0 && r < n; r++) if (counts[r] > most) most = counts[r];
     entry *mine = NULL, *all = NULL;
     if (rc == 0 && most > 0) {
         mine = calloc((size_t)most, sizeof *mine);
         all = calloc((size_t)(most * n), sizeof *all);
-        if (!mine || !all) {
-            /* still take part, with an empty list, so the peers are not left waiting */
-            snprintf(local, sizeof local, "resync: out of memory");
-            free(mine); free(all);
-            mine = calloc((size_t)most, sizeof *mine);   /* small; if even this fails the job cannot go on */
-            all = calloc((size_t)(most * n), sizeof *all);
-            if (!mine || !all) fl_dist_abort(1, "fsdp: resync: out of memory");
-        } else {
-            for (int32_t i = 0; i < s.n; i++) mine[i] = s.e[i];
-        }
+        if (!mine || !all) fl_dist_abort(1, "fsdp: resync: out of memory");   /* as above */
+        for (int32_t i = 0; i < s.n; i++) mine[i] = s.e[i];
         rc = allgather_direct(ctrl, mine, all, most * (int64_t)sizeof *mine);
     }
     /* 2. Placeholders where this rank is behind; then wait until every group is quiet here. */
