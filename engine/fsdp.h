@@ -20,7 +20,9 @@
  * (core/autograd.c), the allocation counters (core/storage.c), the world communicator and the bench's skip switch
  * (dist/comm.c), the communication thread with its queue, time counters and the record of departed peers
  * (dist/comm_queue.c), that thread's reduction buffers (dist/reduce.c), MPI's element types and departure channel
- * (dist/comm_mpi.c), the list of live DDP reducers behind one end-of-backward hook (dist/ddp.c).
+ * (dist/comm_mpi.c), the list of live DDP reducers behind one end-of-backward hook (dist/ddp.c), the interrupt
+ * request and its thread (core/interrupt.c), the registry of live groups and the timeout mode (dist/comm.c,
+ * dist/comm_queue.c).
  */
 #ifndef FSDP_H
 #define FSDP_H
@@ -38,7 +40,8 @@ enum fl_status {
     FL_EIO = -3,          /* file missing, truncated or malformed */
     FL_ESTATE = -4,       /* called in the wrong state (backward twice, released storage) */
     FL_EUNSUPPORTED = -5, /* valid request this build cannot do (device, dtype) */
-    FL_ECOMM = -6         /* a collective failed or timed out */
+    FL_ECOMM = -6,        /* a collective failed or timed out */
+    FL_EINTERRUPTED = -7  /* stopped by fl_interrupt_request (Ctrl-C in the REPL) */
 };
 
 /* Pinned numbers: they are written into checkpoints' metadata. New ones go at the end. */
@@ -95,6 +98,18 @@ const char *fl_last_error(void);            /* message of the last failure on th
 const char *fl_version(void);
 void fl_set_num_threads(int32_t n);         /* OpenMP and OpenBLAS threads; n <= 0 means all cores */
 int32_t fl_get_num_threads(void);
+
+/* ---- interrupts (core/interrupt.c): Ctrl-C in the REPL ----
+ * A signal handler calls fl_interrupt_request (async-signal-safe). While the thread that called
+ * fl_interrupt_arm(true) is armed, a backward fails at its next autograd node, and a wait for a collective (with
+ * timeout errors on) fails, with FL_EINTERRUPTED and "interrupted (in <what>)"; the Lua layer takes the request at
+ * every op's entry (lua/fsdp/tensor.lua's ptr). Never inside an op: internal helpers do not all check what they
+ * call, and an op stopped halfway would leave a wrong result, not an error. Taking the request clears it: one
+ * Ctrl-C, one error. Disarmed, a request just stays pending (the REPL disarms between statements). */
+void fl_interrupt_arm(bool on);             /* on: the calling thread is the one that gets interrupted */
+void fl_interrupt_request(void);            /* async-signal-safe */
+bool fl_interrupt_take(void);               /* true (and cleared) when armed, on that thread, and one is pending */
+void fl_interrupt_clear(void);
 
 /* ---- dtypes ---- */
 size_t fl_dtype_size(int32_t dtype);
@@ -334,7 +349,8 @@ void fl_async_write_release(fl_async_write *w);    /* NULL-safe; joins a running
  * thread, waits and timeouts; dist/reduce.c: rank-order reductions; dist/comm_mpi.c: Open MPI) ----
  * A process group. Collectives take contiguous CPU tensors; a mismatch of dtype or size between ranks is an
  * error naming the rank (see fl_comm_check), never a hang. A collective that has not completed after the
- * group's timeout aborts the whole job with a message naming the collective, the group and the rank. */
+ * group's timeout aborts the whole job with a message naming the collective, the group and the rank (with
+ * fl_comm_set_timeout_errors on, the multi-rank REPL's mode, the wait fails instead: see below). */
 typedef struct fl_comm fl_comm;
 typedef struct fl_work fl_work;
 enum fl_reduce_op { FL_REDUCE_SUM = 0, FL_REDUCE_AVG = 1, FL_REDUCE_MAX = 2 };
@@ -385,6 +401,28 @@ double fl_comm_busy_time(void);
 void fl_comm_time_reset(void);
 /* When set, collectives return immediately without communicating (the bench's "communication skipped" run). */
 void fl_comm_set_skip(bool skip);
+
+/* ---- the multi-rank REPL: timeouts that raise, a control group and resynchronisation ----
+ * With timeout errors on, a wait that outlives its group's timeout returns FL_ECOMM ("fsdp: barrier on group
+ * 'world' did not complete after 5 s") instead of aborting the job, and a wait interrupted by fl_interrupt_request
+ * returns FL_EINTERRUPTED. Either way the operation is left to the communication thread (its tensors stay
+ * retained until it completes), and its group is out of step: a rank has issued collectives that its peers have
+ * not. fl_comm_resync puts every group back in step. */
+void fl_comm_set_timeout_errors(bool on);
+/* Sets the timeout of every live group (not control groups); later splits inherit their parent's. */
+void fl_comm_set_timeout_all(double seconds);
+/* A duplicate of c whose operations (all_gather, broadcast, barrier) run on the calling thread, outside the
+ * communication thread's queue, never time out, and end the job when a member leaves it: the REPL's channel
+ * between ranks, usable while the queue waits on a collective that some ranks never entered. Collective over c.
+ * Owned (fl_comm_release). */
+fl_comm *fl_comm_control_new(fl_comm *c, const char *name);
+/* Collective over the control group ctrl (every rank of the world): the ranks exchange how many collectives they
+ * have issued on each group; a rank that issued fewer on a group issues as many "resync" placeholders, which
+ * its peers' pending collectives meet, so those fail with a mismatch (naming the op) and complete on every
+ * rank. Then every group's operations have completed and its next collective matches again. Fails on every
+ * rank, naming the rank and group, when operations are still pending after timeout_s (e.g. collectives issued
+ * in a different order on two groups). */
+int fl_comm_resync(fl_comm *ctrl, double timeout_s);
 
 /* ---- exact sums of squares (exact_sum.c) ----
  * An accumulator is a contiguous i64 tensor of FL_EXACT_SUM_SIZE elements, zero-initialised: a fixed-point

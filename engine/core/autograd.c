@@ -384,6 +384,10 @@ static int backward_run(fl_tensor *root, const fl_tensor *grad, bool retain_grap
     int32_t gin_cap = 0;
     while (rc == FL_OK && e.heap_n) {
         fl_node *n = heap_pop(&e);
+        if (fl_interrupt_take()) {   /* Ctrl-C in the REPL: between nodes, never inside one */
+            rc = fl_fail(FL_EINTERRUPTED, "interrupted (in backward, before node %s)", n->name);
+            break;
+        }
         node_state *st = lookup(&e, n, false);
         if (n->leaf || (!n->backward && !n->custom)) {  /* AccumulateGrad (or its leaf is gone) */
             if (n->leaf && st->grads && st->grads[0]) { rc = accumulate_leaf(n->leaf, st->grads[0]); st->grads[0] = NULL; }

@@ -16,8 +16,8 @@
 enum { TAG_MAX = 32767 /* the MPI_TAG_UB every MPI guarantees */ };
 static const double DEFAULT_TIMEOUT_S = 600.0;
 
-const char *const fl_op_names[10] = {"all_gather", "reduce_scatter", "all_reduce", "broadcast", "barrier",
-                                     "send", "recv", "comm_check", "comm_split", "comm_release"};
+const char *const fl_op_names[OP_KINDS] = {"all_gather", "reduce_scatter", "all_reduce", "broadcast", "barrier",
+                                           "send", "recv", "comm_check", "comm_split", "comm_release", "resync"};
 static const char *const reduce_names[] = {"sum", "avg", "max"};
 
 /* ---- process state: the world group and the bench's switch ---- */
@@ -54,21 +54,25 @@ static void comm_free(fl_comm *c) {
 
 static const char *dtype_str(int64_t d) { return d >= 0 && d < FL_NDTYPES ? fl_dtype_name((int32_t)d) : "?"; }
 
-/* Every rank all-gathers (kind, dtype, numel, op, root) and compares with rank 0's; all fail alike on a mismatch. */
+/* Every rank all-gathers (kind, dtype, numel, op, root) and compares with rank 0's; all fail alike on a mismatch.
+ * Nonblocking, so that the thread can post other groups' resync placeholders while a peer has not arrived; a
+ * placeholder (OP_RESYNC) from a peer that never issued this collective makes it fail here on every rank. */
 static int header_check(fl_work *w) {
     fl_comm *c = w->comm;
-    enum { H = 5 };
+    enum { H = HEADER_LEN };
     int64_t mine[H] = {w->kind, w->dtype, w->numel, w->op, w->peer};
     int64_t *all = malloc(sizeof(int64_t) * H * (size_t)c->size);
     if (!all) return fl_fail(FL_ENOMEM, "out of memory");
-    int rc = fl_mpi_allgather(c->mpi, mine, all, H, sizeof(int64_t));
+    void *req = NULL;
+    int rc = fl_mpi_iallgather(c->mpi, mine, all, H, sizeof(int64_t), &req);
+    if (rc == 0) rc = fl_queue_wait_request(&req);
     if (rc < 0) goto done;
     /* comm_queue.c's complete() prefixes "<what> on group '<name>': " */
     for (int32_t r = 1; r < c->size && rc == 0; r++) {
         const int64_t *h = all + (size_t)r * H, *h0 = all;
         if (h[0] != h0[0]) {
-            rc = fl_fail(FL_EINVAL, "rank %d called %s while rank 0 called %s", r, fl_op_names[h[0] % 10],
-                         fl_op_names[h0[0] % 10]);
+            rc = fl_fail(FL_EINVAL, "rank %d called %s while rank 0 called %s", r, fl_op_names[h[0] % OP_KINDS],
+                         fl_op_names[h0[0] % OP_KINDS]);
         } else if (h[1] != h0[1]) {
             rc = fl_fail(FL_EINVAL, "rank %d has dtype %s but rank 0 has %s", r, dtype_str(h[1]), dtype_str(h0[1]));
         } else if (h[2] != h0[2]) {
@@ -126,15 +130,29 @@ static int run_collective(fl_work *w) {
     }
 }
 
+/* The same 64 bits on every member of the new group: the parent's uid, its split count and the color. */
+static uint64_t split_uid(uint64_t parent, int32_t nth, int32_t color) {
+    uint64_t x = parent * 0x9e3779b97f4a7c15ull + ((uint64_t)(uint32_t)nth << 32 | (uint32_t)color);
+    x ^= x >> 30; x *= 0xbf58476d1ce4e5b9ull;
+    x ^= x >> 27; x *= 0x94d049bb133111ebull;
+    return x ^ (x >> 31);
+}
+
 static int run_split(fl_work *w) {
+    /* The header first: MPI_Comm_split blocks, so it may only start once every rank is known to be in it. */
+    int rc = header_check(w);
+    if (rc < 0) return rc;
     void *g = NULL;
     int32_t rank = 0, size = 1;
-    int rc = fl_mpi_split(w->comm->mpi, w->color, w->key, &g, &rank, &size);
+    rc = fl_mpi_split(w->comm->mpi, w->color, w->key, &g, &rank, &size);
     if (rc < 0) return rc;
     fl_comm *n = comm_new(w->what, rank, size, w->comm->timeout, g);
     if (!n) { fl_mpi_free(g); return FL_ENOMEM; }
     rc = fl_mpi_global_ranks(g, size, n->granks);
     if (rc < 0) { fl_mpi_free(g); comm_free(n); return rc; }
+    n->uid = split_uid(w->comm->uid, ++w->comm->nsplits, w->color);
+    if (w->color_control) n->control = true;
+    else fl_registry_add(n);
     w->result = n;
     return FL_OK;
 }
@@ -166,7 +184,9 @@ int fl_dist_init(double timeout_s) {
     if (!world) { fl_mpi_free(g); return FL_ENOMEM; }   /* comm_new set the message */
     for (int32_t i = 0; i < size; i++) world->granks[i] = i;
     world->world = true;
+    world->uid = 1;
     rc = fl_queue_start(size);
+    if (rc == 0) fl_registry_add(world);
     if (rc < 0) {   /* the world group does not outlive a failed init (MPI itself stays up) */
         fl_mpi_free(g);
         comm_free(world);
@@ -241,6 +261,14 @@ void fl_dist_abort(int32_t code, const char *msg) { fl_dist_exit(code, msg, true
 
 /* ---- groups ---- */
 
+/* Every live group's timeout (the REPL's short interactive timeout); control groups keep theirs. */
+static void set_timeout_of(fl_comm *c, void *arg) { c->timeout = *(const double *)arg; }
+void fl_comm_set_timeout_all(double seconds) {
+    if (!(seconds > 0) || !world) return;
+    world->timeout = seconds;   /* also a world of one rank, which is in no registry */
+    fl_registry_each(set_timeout_of, &seconds);
+}
+
 int32_t fl_comm_rank(const fl_comm *c) { return c ? c->rank : -1; }
 int32_t fl_comm_size(const fl_comm *c) { return c ? c->size : 0; }
 const char *fl_comm_name(const fl_comm *c) { return c ? c->name : ""; }
@@ -252,25 +280,37 @@ int32_t fl_comm_global_rank(const fl_comm *c, int32_t group_rank) {
     return c->granks[group_rank];
 }
 
-fl_comm *fl_comm_split(fl_comm *c, int32_t color, int32_t key, const char *name) {
+static fl_comm *split(fl_comm *c, int32_t color, int32_t key, const char *name, bool control) {
     if (!c) return fl_fail_null(FL_EINVAL, "comm_split: no group (call fl_dist_init first)");
     if (color < 0) return fl_fail_null(FL_EINVAL, "comm_split: color %d is negative", color);
     if (!name || !*name) return fl_fail_null(FL_EINVAL, "comm_split: the new group needs a name");
     if (strlen(name) >= NAME_MAX_LEN)
         return fl_fail_null(FL_EINVAL, "comm_split: name '%s' is longer than %d characters", name, NAME_MAX_LEN - 1);
+    if (c->control) return fl_fail_null(FL_EINVAL, "comm_split: group '%s' is a control group", c->name);
     if (!c->mpi) {
         fl_comm *n = comm_new(name, 0, 1, c->timeout, NULL);
-        if (n) n->granks[0] = c->granks[0];
+        if (n) { n->granks[0] = c->granks[0]; n->control = control; }
         return n;
     }
     fl_work *w = fl_work_new(OP_SPLIT, c);
     if (!w) return NULL;
     w->color = color;
     w->key = key;
+    w->color_control = control;
     snprintf(w->what, sizeof w->what, "%s", name);
     fl_queue_push(w);
     fl_comm *n = fl_work_wait_done(w) < 0 ? NULL : w->result;
-    fl_work_free(w);
+    if (!w->abandoned) fl_work_free(w);   /* an abandoned split is the queue's, and so is the group it makes */
+    return n;
+}
+
+fl_comm *fl_comm_split(fl_comm *c, int32_t color, int32_t key, const char *name) {
+    return split(c, color, key, name, false);
+}
+
+fl_comm *fl_comm_control_new(fl_comm *c, const char *name) {
+    fl_comm *n = split(c, 0, c ? c->rank : 0, name, true);
+    if (n) n->timeout = 1e300;   /* the REPL's other ranks wait here while rank 0's user types */
     return n;
 }
 
@@ -320,9 +360,42 @@ static int check_comm(const char *op, const fl_comm *c) {
     return FL_OK;
 }
 
+/* A control group's operation, on the calling thread with nonblocking MPI (no header exchange: the REPL's own
+ * protocol is the only user, and a header would queue behind nothing here anyway). */
+static int run_control(fl_work *w) {
+    fl_comm *c = w->comm;
+    size_t es = fl_dtype_size(w->dtype);
+    void *req = NULL;
+    int rc;
+    switch (w->kind) {
+    case OP_ALL_GATHER: {
+        char *o = fl_tensor_data(w->out);
+        const char *i = fl_tensor_data(w->in);
+        if (i == o + (size_t)c->rank * (size_t)w->numel * es)
+            return fl_fail(FL_EINVAL, "in-place all_gather is not supported on a control group");
+        rc = fl_mpi_iallgather(c->mpi, i, o, w->numel, es, &req);
+        break;
+    }
+    case OP_BROADCAST: rc = fl_mpi_ibcast(c->mpi, fl_tensor_data(w->out), w->numel, es, w->peer, &req); break;
+    case OP_BARRIER: rc = fl_mpi_ibarrier(c->mpi, &req); break;
+    default:
+        return fl_fail(FL_EUNSUPPORTED, "a control group runs all_gather, broadcast and barrier only");
+    }
+    if (rc < 0) return rc;
+    return fl_queue_wait_direct(c, &req, fl_op_names[w->kind]);
+}
+
 /* Queues w (MPI) or runs it now (local); with skip set, completes it untouched. */
 static fl_work *issue(fl_work *w) {
-    if (skip_comm && w->kind != OP_CHECK) {
+    if (skip_comm && w->kind != OP_CHECK && !w->comm->control) {
+        w->done = true;
+        return w;
+    }
+    if (w->comm->control && w->comm->mpi) {
+        w->rc = run_control(w);
+        if (w->rc < 0)
+            snprintf(w->err, sizeof w->err, "%s on group '%s': %s", fl_op_names[w->kind], w->comm->name,
+                     fl_last_error());
         w->done = true;
         return w;
     }

@@ -219,6 +219,43 @@ int fl_mpi_barrier(void *g) {
     return rc == MPI_SUCCESS ? FL_OK : mpi_fail(rc, "MPI_Barrier");
 }
 
+/* Nonblocking collectives: *req is an opaque request for fl_mpi_test_coll, which frees it once it completes.
+ * They let the communication thread wait for a header exchange while it posts other groups' placeholders, and
+ * a control group's operations wait on the main thread with the departure checks in between. */
+static int post_coll(int rc, MPI_Request *r, void **req, const char *call) {
+    if (rc != MPI_SUCCESS) { free(r); return mpi_fail(rc, call); }
+    *req = r;
+    return FL_OK;
+}
+
+int fl_mpi_iallgather(void *g, const void *in, void *out, int64_t count, size_t esz, void **req) {
+    MPI_Request *r = malloc(sizeof *r);
+    if (!r) return fl_fail(FL_ENOMEM, "all_gather: out of memory");
+    MPI_Datatype t = elem_type(esz);
+    return post_coll(MPI_Iallgather(in, (int)count, t, out, (int)count, t, comm_of(g), r), r, req, "MPI_Iallgather");
+}
+
+int fl_mpi_ibcast(void *g, void *buf, int64_t count, size_t esz, int32_t root, void **req) {
+    MPI_Request *r = malloc(sizeof *r);
+    if (!r) return fl_fail(FL_ENOMEM, "broadcast: out of memory");
+    return post_coll(MPI_Ibcast(buf, (int)count, elem_type(esz), root, comm_of(g), r), r, req, "MPI_Ibcast");
+}
+
+int fl_mpi_ibarrier(void *g, void **req) {
+    MPI_Request *r = malloc(sizeof *r);
+    if (!r) return fl_fail(FL_ENOMEM, "barrier: out of memory");
+    return post_coll(MPI_Ibarrier(comm_of(g), r), r, req, "MPI_Ibarrier");
+}
+
+int fl_mpi_test_coll(void **req, bool *done) {
+    MPI_Request *r = *req;
+    int flag = 0;
+    int rc = MPI_Test(r, &flag, MPI_STATUS_IGNORE);
+    *done = flag != 0 || rc != MPI_SUCCESS;
+    if (*done) { free(r); *req = NULL; }
+    return rc == MPI_SUCCESS ? FL_OK : mpi_fail(rc, "MPI_Test");
+}
+
 int fl_mpi_isend(void *g, const void *buf, int64_t count, size_t esz, int32_t dst, int32_t tag, void **req) {
     MPI_Request *r = malloc(sizeof *r);
     if (!r) return fl_fail(FL_ENOMEM, "send: out of memory");

@@ -3,12 +3,17 @@
  *
  * Under mpirun one communication thread per process runs every queued operation in issue order, so collectives
  * progress while the caller computes and every rank sees the same order. A wait that outlives its group's timeout,
- * or whose group has lost a member to the departure channel, ends the job with a message instead of hanging. */
+ * or whose group has lost a member to the departure channel, ends the job with a message instead of hanging
+ * (with timeout errors on, the multi-rank REPL's mode, a timed-out or interrupted wait fails instead and leaves
+ * its work to the queue). For fl_comm_resync (comm_resync.c) the queue also keeps the registry of live groups,
+ * counts each group's operations and posts the resync placeholders. */
 #include "comm_internal.h"
 
 #include <errno.h>
 #include <math.h>
 #include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <time.h>
 #include <unistd.h>
@@ -23,6 +28,24 @@ static bool q_stop = false;
 static int64_t inflight = 0;               /* queued or posted, not yet complete (under mu) */
 static double comm_time = 0;               /* under mu: the calling threads' time in collectives */
 static double busy_time = 0;               /* under mu: the communication thread's time executing them */
+static bool timeout_errors = false;        /* fl_comm_set_timeout_errors */
+static fl_work *graveyard = NULL;          /* under mu: abandoned works that completed, for fl_queue_reap */
+static fl_comm *registry = NULL;           /* under mu: live MPI groups (control groups excluded) */
+
+/* Resync placeholders to post on one group: header exchanges of kind OP_RESYNC, which meet the collectives its
+ * peers issued and this rank did not. The main thread adds jobs; the communication thread posts, tests and frees
+ * them (reqs and bufs are its own once posted). */
+typedef struct placeholder_job {
+    fl_comm *c;
+    int64_t n, left;   /* placeholders, and of those not complete */
+    bool posted;
+    void **reqs;       /* [n] */
+    int64_t *bufs;     /* [n][HEADER_LEN * (1 + size)]: this rank's header, then everyone's */
+    struct placeholder_job *next;
+} placeholder_job;
+static placeholder_job *jobs = NULL;       /* under mu */
+static atomic_int njobs = 0;               /* a lock-free "anything to post?" for the thread's wait loops */
+static void service_placeholders(void);
 
 /* Peers that have left the job (comm_mpi.c's departure channel), by world rank. A wait that involves one of
  * them fails once DEPARTURE_GRACE_S have passed since both the departure and the wait began: long enough for a
@@ -59,6 +82,8 @@ static void complete(fl_work *w, int rc) {
     }
     w->done = true;
     inflight--;
+    if (fl_op_has_header(w->kind)) w->comm->outstanding--;
+    if (w->abandoned) { w->next = graveyard; graveyard = w; }   /* nobody waits for it any more */
     pthread_cond_broadcast(&done_cond);
     pthread_mutex_unlock(&mu);
 }
@@ -111,6 +136,22 @@ static void execute(fl_work *w, pending_list *pl) {
         if (rc < 0) complete(w, rc);
         return;
     case OP_FREE:
+        pthread_mutex_lock(&mu);
+        for (fl_comm **p = &registry; *p; p = &(*p)->reg_next)
+            if (*p == w->comm) { *p = w->comm->reg_next; break; }
+        /* Placeholders still owed on a group this rank has freed cannot be posted any more; a peer that waits for
+         * them fails at resync's deadline, naming the group. */
+        for (placeholder_job **p = &jobs; *p;) {
+            placeholder_job *j = *p;
+            if (j->c == w->comm && !j->posted) {
+                *p = j->next;
+                free(j);
+                atomic_fetch_sub(&njobs, 1);
+            } else {
+                p = &j->next;
+            }
+        }
+        pthread_mutex_unlock(&mu);
         fl_comm_destroy(w->comm);
         free(w);   /* nobody waits for a release */
         pthread_mutex_lock(&mu);
@@ -142,9 +183,10 @@ static void *comm_main(void *arg) {
             busy_time += dt;
             continue;
         }
-        if (pl.n) {
+        if (pl.n || atomic_load(&njobs)) {
             pthread_mutex_unlock(&mu);
-            int32_t k = progress_p2p(&pl);
+            int32_t k = pl.n ? progress_p2p(&pl) : 0;
+            service_placeholders();
             pthread_mutex_lock(&mu);
             if (k > 0 || q_head) { idle = 0; continue; }
             idle = idle == 0 ? 1e-5 : fmin(idle * 2, 1e-3);
@@ -163,6 +205,7 @@ static void *comm_main(void *arg) {
 
 void fl_queue_push(fl_work *w) {
     pthread_mutex_lock(&mu);
+    if (fl_op_has_header(w->kind)) { w->comm->issued++; w->comm->outstanding++; }
     w->next = NULL;
     if (q_tail) q_tail->next = w; else q_head = w;
     q_tail = w;
@@ -256,6 +299,7 @@ void fl_queue_drain(void) {
 
 void fl_queue_end(void) {
     running = false;
+    registry = NULL;   /* the groups outlive MPI only to be freed */
     free(departed_at);
     departed_at = NULL;
 }
@@ -263,6 +307,7 @@ void fl_queue_end(void) {
 /* ---- work records, waits, timeouts and departures ---- */
 
 fl_work *fl_work_new(op_kind kind, fl_comm *c) {
+    if (graveyard) fl_queue_reap();   /* a racy peek is fine: the next call frees what this one misses */
     fl_work *w = calloc(1, sizeof *w);
     if (!w) return fl_fail_null(FL_ENOMEM, "%s: out of memory", fl_op_names[kind]);
     w->kind = kind;
@@ -278,15 +323,21 @@ void fl_work_free(fl_work *w) {
     free(w);
 }
 
-static void timeout_abort(const fl_work *w) {
-    char msg[ERR_LEN];
+/* "fsdp: barrier on group 'world' did not complete after 5 s": the abort's message, and with timeout errors
+ * on the wait's error. */
+static void timeout_message(const fl_work *w, char *msg, size_t n) {
     const char *what = w->kind == OP_CHECK ? w->what : fl_op_names[w->kind];
     if (w->kind == OP_SEND || w->kind == OP_RECV)
-        snprintf(msg, sizeof msg, "fsdp: %s %s rank %d (tag %d) on group '%s' did not complete after %g s", what,
+        snprintf(msg, n, "fsdp: %s %s rank %d (tag %d) on group '%s' did not complete after %g s", what,
                  w->kind == OP_SEND ? "to" : "from", w->peer, w->tag, w->comm->name, w->comm->timeout);
     else
-        snprintf(msg, sizeof msg, "fsdp: %s on group '%s' did not complete after %g s", what, w->comm->name,
+        snprintf(msg, n, "fsdp: %s on group '%s' did not complete after %g s", what, w->comm->name,
                  w->comm->timeout);
+}
+
+static void timeout_abort(const fl_work *w) {
+    char msg[ERR_LEN];
+    timeout_message(w, msg, sizeof msg);
     fl_dist_abort(1, msg);
 }
 
@@ -323,16 +374,37 @@ static void departed_abort(int32_t gone, const char *what, const char *group) {
     fl_dist_exit(1, msg, false);
 }
 
+void fl_queue_check_departed(const fl_comm *c, double start, const char *what) {
+    double since = 0;
+    int32_t gone = departed_member(c, &since);
+    if (gone >= 0 && fl_comm_now() >= fmax(since, start) + DEPARTURE_GRACE_S)
+        departed_abort(gone, what, c ? c->name : "world");
+}
+
 /* Blocks until w is done; aborts the job when its group's timeout (from issue) passes, or a member of the group
- * has left the job and the collective has not completed within the grace period. Returns w's rc. */
+ * has left the job and the collective has not completed within the grace period. Returns w's rc. With timeout
+ * errors on, a timeout or an interrupt abandons w instead (see comm_internal.h). */
 int fl_work_wait_done(fl_work *w) {
     double start = fl_comm_now();
     pthread_mutex_lock(&mu);
     while (!w->done) {
         double t = fl_comm_now(), deadline = w->t_issue + w->comm->timeout;
         if (t >= deadline) {
+            if (!timeout_errors) {
+                pthread_mutex_unlock(&mu);
+                timeout_abort(w);
+            }
+            w->abandoned = true;
             pthread_mutex_unlock(&mu);
-            timeout_abort(w);
+            char msg[ERR_LEN];
+            timeout_message(w, msg, sizeof msg);
+            return fl_fail(FL_ECOMM, "%s", msg);
+        }
+        if (timeout_errors && fl_interrupt_take()) {
+            w->abandoned = true;
+            pthread_mutex_unlock(&mu);
+            return fl_fail(FL_EINTERRUPTED, "interrupted (waiting for %s on group '%s')",
+                           w->kind == OP_CHECK ? w->what : fl_op_names[w->kind], w->comm->name);
         }
         if (w->comm->mpi) {
             double since = 0;
@@ -357,8 +429,165 @@ int fl_work_wait(fl_work *w) {
     double t0 = fl_comm_now();
     int rc = fl_work_wait_done(w);
     fl_queue_add_time(t0);
-    fl_work_free(w);
+    if (!w->abandoned) fl_work_free(w);   /* an abandoned one is the queue's (this thread set the flag) */
     return rc;
+}
+
+void fl_queue_reap(void) {
+    pthread_mutex_lock(&mu);
+    fl_work *dead = graveyard;
+    graveyard = NULL;
+    pthread_mutex_unlock(&mu);
+    while (dead) {
+        fl_work *next = dead->next;
+        if (dead->kind == OP_SPLIT && dead->result) fl_comm_release(dead->result);   /* made, but nobody took it */
+        fl_work_free(dead);
+        dead = next;
+    }
+}
+
+void fl_comm_set_timeout_errors(bool on) { timeout_errors = on; }
+
+/* ---- waits for nonblocking collectives ---- */
+
+/* Spins briefly (header exchanges usually complete within microseconds), then yields for a millisecond (what
+ * MPI's own wait does with mpi_yield_when_idle), then sleeps up to cap_s: a late peer costs at most that much
+ * latency (200 us in the queue), and a long wait (the REPL's ranks waiting for the next line, 10 ms) little CPU. */
+static void backoff(int64_t *spins, double start, double cap_s) {
+    (*spins)++;
+    if (*spins < 64) return;
+    double waited = fl_comm_now() - start;
+    if (waited < 1e-3) { sched_yield(); return; }
+    struct timespec ts = {0, (long)(fmin(cap_s, waited / 8) * 1e9)};
+    nanosleep(&ts, NULL);
+}
+
+int fl_queue_wait_request(void **req) {
+    double start = fl_comm_now();
+    int64_t spins = 0;
+    for (;;) {
+        bool done = false;
+        int rc = fl_mpi_test_coll(req, &done);
+        if (done) return rc;
+        if (atomic_load(&njobs)) service_placeholders();
+        backoff(&spins, start, 2e-4);
+    }
+}
+
+int fl_queue_wait_direct(const fl_comm *c, void **req, const char *what) {
+    double start = fl_comm_now();
+    int64_t spins = 0;
+    for (;;) {
+        bool done = false;
+        int rc = fl_mpi_test_coll(req, &done);
+        if (done) return rc;
+        if (spins % 16 == 0) fl_queue_check_departed(c, start, what);
+        backoff(&spins, start, 1e-2);
+    }
+}
+
+/* ---- the registry and the resync placeholders ---- */
+
+void fl_registry_add(fl_comm *c) {
+    pthread_mutex_lock(&mu);
+    c->reg_next = registry;
+    registry = c;
+    pthread_mutex_unlock(&mu);
+}
+
+void fl_registry_each(void (*fn)(fl_comm *c, void *arg), void *arg) {
+    pthread_mutex_lock(&mu);
+    for (fl_comm *c = registry; c; c = c->reg_next) fn(c, arg);
+    pthread_mutex_unlock(&mu);
+}
+
+int fl_queue_add_placeholders_locked(fl_comm *c, int64_t n) {
+    if (n <= 0) return FL_OK;
+    placeholder_job *j = calloc(1, sizeof *j);
+    if (!j) return fl_fail(FL_ENOMEM, "resync: out of memory");
+    j->c = c;
+    j->n = j->left = n;
+    c->issued += n;
+    j->next = jobs;
+    jobs = j;
+    atomic_fetch_add(&njobs, 1);
+    pthread_cond_signal(&q_cond);
+    return FL_OK;
+}
+
+/* Communication thread: posts the jobs whose group has nothing of this rank's pending (the placeholders then
+ * come after everything this rank issued on it, as they must), tests the posted ones, frees the finished. */
+static void service_placeholders(void) {
+    enum { BATCH = 32 };
+    placeholder_job *mine[BATCH];
+    int32_t k = 0;
+    pthread_mutex_lock(&mu);
+    for (placeholder_job *j = jobs; j && k < BATCH; j = j->next)
+        if (j->posted || j->c->outstanding == 0) { j->posted = true; mine[k++] = j; }
+    pthread_mutex_unlock(&mu);
+    for (int32_t i = 0; i < k; i++) {
+        placeholder_job *j = mine[i];
+        size_t per = (size_t)HEADER_LEN * (size_t)(1 + j->c->size);
+        if (!j->reqs) {
+            j->reqs = calloc((size_t)j->n, sizeof *j->reqs);
+            j->bufs = calloc((size_t)j->n * per, sizeof *j->bufs);
+            if (!j->reqs || !j->bufs) { free(j->reqs); free(j->bufs); j->reqs = NULL; j->bufs = NULL; continue; }
+            for (int64_t p = 0; p < j->n; p++) {
+                int64_t *h = j->bufs + (size_t)p * per;
+                h[0] = OP_RESYNC; h[1] = 0; h[2] = 0; h[3] = 0; h[4] = -1;
+                /* a failed post leaves its slot NULL: counted done, and the peers' resync reports the group */
+                if (fl_mpi_iallgather(j->c->mpi, h, h + HEADER_LEN, HEADER_LEN, sizeof(int64_t), &j->reqs[p]) < 0)
+                    j->reqs[p] = NULL;
+            }
+        }
+        int64_t left = 0;
+        for (int64_t p = 0; p < j->n; p++) {
+            if (!j->reqs[p]) continue;
+            bool done = false;
+            fl_mpi_test_coll(&j->reqs[p], &done);
+            if (!done) left++;
+        }
+        pthread_mutex_lock(&mu);
+        j->left = left;
+        if (left == 0) {
+            for (placeholder_job **p = &jobs; *p; p = &(*p)->next)
+                if (*p == j) { *p = j->next; break; }
+            atomic_fetch_sub(&njobs, 1);
+            pthread_cond_broadcast(&done_cond);
+        }
+        pthread_mutex_unlock(&mu);
+        if (left == 0) { free(j->reqs); free(j->bufs); free(j); }
+    }
+}
+
+int fl_queue_wait_quiet(double deadline) {
+    double start = fl_comm_now();
+    pthread_mutex_lock(&mu);
+    for (;;) {
+        const fl_comm *busy = NULL;
+        for (const fl_comm *c = registry; c && !busy; c = c->reg_next)
+            if (c->outstanding > 0) busy = c;
+        const placeholder_job *owed = jobs;
+        if (!busy && !owed) break;
+        if (fl_comm_now() >= deadline) {
+            char name[NAME_MAX_LEN];
+            int64_t n = busy ? busy->outstanding : owed->left;
+            snprintf(name, sizeof name, "%s", busy ? busy->name : owed->c->name);
+            pthread_mutex_unlock(&mu);
+            return fl_fail(FL_ECOMM, "group '%s' still has %" PRId64 " %s pending (%s)", name, n,
+                           busy ? "collectives" : "resync placeholders",
+                           busy ? "issued in another order than on its peers, or waiting for a rank that freed the "
+                                  "group"
+                                : "behind an operation that does not complete");
+        }
+        pthread_mutex_unlock(&mu);
+        fl_queue_check_departed(NULL, start, "resync");
+        pthread_mutex_lock(&mu);
+        struct timespec ts = abs_time(fmin(deadline, fl_comm_now() + WAIT_SLICE_S));
+        pthread_cond_timedwait(&done_cond, &mu, &ts);
+    }
+    pthread_mutex_unlock(&mu);
+    return FL_OK;
 }
 
 bool fl_work_test(fl_work *w) {

@@ -275,8 +275,8 @@ static int index_select_backward(fl_node *n, fl_tensor *const *go, fl_tensor **g
          * rows in index order — the order of the general path below — split over columns, so any thread count
          * gives the same bits */
         int64_t rows = idx->shape[0], row = rows ? fl_tensor_numel(go[0]) / rows : 0;
-        const char *src = fl_tensor_data(go[0]);
-        char *dst = fl_tensor_data(g);
+        const void *src = fl_tensor_data(go[0]);
+        void *dst = fl_tensor_data(g);
         enum { COLS = 256 };
         int64_t nblk = (row + COLS - 1) / COLS;
         bool f32 = go[0]->dtype == FL_F32;

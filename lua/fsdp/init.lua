@@ -53,6 +53,10 @@ fsdp.dist = dist
 fsdp.init, fsdp.world_size, fsdp.rank = dist.init, dist.world_size, dist.rank
 fsdp.mesh, fsdp.barrier = dist.mesh, dist.barrier
 
+-- fsdp.repl_timeout(seconds): in the REPL (fsdp-lua -n N -i), how long a collective may wait before it fails
+-- with the engine's timeout message (default 5 s, or FSDP_REPL_TIMEOUT); returns the value in force.
+function fsdp.repl_timeout(seconds) return require("fsdp.repl").timeout(seconds) end
+
 -- Global gradient-norm clipping over a list of parameters (torch.nn.utils.clip_grad_norm_); returns the norm.
 -- The squared norm is summed exactly over shards and shard groups, so one process, DDP, FSDP and HSDP give the
 -- same bits from the same gradients.
@@ -86,6 +90,12 @@ setmetatable(fsdp, {__index = function(t, k)
     return v
   end
   return nil
+end,
+-- the REPL's TAB completion: fsdp.mo<TAB> -> fsdp.models before it is loaded
+__completions = function()
+  local names = {}
+  for k in pairs(lazy) do names[#names + 1] = k end
+  return names
 end})
 
 return fsdp

@@ -40,7 +40,11 @@ Tensor.own = own
 local function is_tensor(x) return getmetatable(x) == Tensor end
 Tensor.is_tensor = is_tensor
 
+-- Every op's entry: also where a Ctrl-C in the REPL (engine/core/interrupt.c) stops a loop of ops, compiled
+-- loops included, which LuaJIT's debug hook never sees. Before the op, never inside it.
+local take_interrupt = C.fl_interrupt_take
 local function ptr(t, what, argn)
+  if take_interrupt() then core.raise(("interrupted (in %s)"):format(what)) end
   if getmetatable(t) ~= Tensor then
     core.raise(("%s: argument %d must be a tensor, got %s"):format(what, argn or 1, type(t)))
   end
@@ -114,6 +118,14 @@ Tensor.__index = function(t, k)
     return p(t)
   end
   return nil
+end
+
+-- The REPL's TAB completion (lua/fsdp/repl.lua) cannot list a function __index: these are its names.
+function Tensor.__completions()
+  local names = {}
+  for k in pairs(methods) do names[#names + 1] = k end
+  for k in pairs(props) do names[#names + 1] = k end
+  return names
 end
 
 Tensor.__newindex = function(t, k, v)
