@@ -158,6 +158,21 @@ end
 local Estimate = {}
 Estimate.__index = Estimate
 
+-- Rows of cells as lines: the first column left-aligned, the others right-aligned, two spaces apart.
+local function aligned(rows)
+  local w = {}
+  for _, r in ipairs(rows) do for c, cell in ipairs(r) do w[c] = math.max(w[c] or 0, #cell) end end
+  local lines = {}
+  for i, r in ipairs(rows) do
+    local cells = {}
+    for c, cell in ipairs(r) do
+      cells[c] = c == 1 and (cell .. (" "):rep(w[c] - #cell)) or ((" "):rep(w[c] - #cell) .. cell)
+    end
+    lines[i] = table.concat(cells, "  ")
+  end
+  return lines
+end
+
 -- estimate(model, shard_table, tree, {optimizer =}) -> per-rank bytes {[r] = {param, grad, optim, param_unsharded,
 -- total}} for r = 0..W-1, plus optimizer (what was assumed), peak (when the replay peaked: phase, step and the
 -- units held then), step_peaks = {step 1, step 2} (step 1 records the order: no prefetch) and first_step_peak.
@@ -208,16 +223,7 @@ function Estimate.__tostring(e)
   row(("  optim (%s: %s)"):format(e.optimizer.name, e.optimizer.what), "optim")
   row("  param_unsharded peak", "param_unsharded")
   row("  total", "total")
-  local w = {}
-  for _, r in ipairs(rows) do for c, cell in ipairs(r) do w[c] = math.max(w[c] or 0, #cell) end end
-  local lines = {}
-  for i, r in ipairs(rows) do
-    local cells = {}
-    for c, cell in ipairs(r) do
-      cells[c] = c == 1 and (cell .. (" "):rep(w[c] - #cell)) or ((" "):rep(w[c] - #cell) .. cell)
-    end
-    lines[i] = table.concat(cells, "  ")
-  end
+  local lines = aligned(rows)
   local p = e.peak
   if p then
     lines[#lines + 1] = ("  peak gathered weights: %s, in the %s of step %d (from step 2 the next unit is prefetched; "
@@ -239,17 +245,7 @@ function Stats.__tostring(s)
   for _, k in ipairs(CATEGORIES) do rows[#rows + 1] = {"  " .. k, bytes_str(s[k].current), bytes_str(s[k].peak)} end
   rows[#rows + 1] = {"  total", bytes_str(s.total.current), bytes_str(s.total.peak)}
   rows[#rows + 1] = {"  cached (free, kept)", bytes_str(s.cached), ""}
-  local w = {}
-  for _, r in ipairs(rows) do for c, cell in ipairs(r) do w[c] = math.max(w[c] or 0, #cell) end end
-  local lines = {}
-  for i, r in ipairs(rows) do
-    local cells = {}
-    for c, cell in ipairs(r) do
-      cells[c] = c == 1 and (cell .. (" "):rep(w[c] - #cell)) or ((" "):rep(w[c] - #cell) .. cell)
-    end
-    lines[i] = table.concat(cells, "  ")
-  end
-  return table.concat(lines, "\n")
+  return table.concat(aligned(rows), "\n")
 end
 
 -- memory_stats() -> {param =, param_unsharded =, grad =, optim =, activation =, other =, total = {current =, peak
