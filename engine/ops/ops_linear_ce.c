@@ -12,6 +12,7 @@
 #include <math.h>
 
 #include "fl_math.h"
+#include "row_exp.h"
 
 /* Elements of one chunk's logits: 8 Mi (32 MiB in f32). */
 enum { LCE_CHUNK_ELEMS = 8 * 1024 * 1024 };
@@ -21,12 +22,11 @@ static int64_t target_at(const fl_tensor *t, int64_t i) {
     return t->dtype == FL_I64 ? ((const int64_t *)p)[i] : (int64_t)((const int32_t *)p)[i];
 }
 
-/* logsumexp of a row of v >= 1 values: exp in f32 for f32 (as torch), the sum in f64 (as cross_entropy). */
+/* logsumexp of a row of v >= 1 values: exp in f32 for f32 (as torch), the sum in f64 (as cross_entropy: the
+ * same row_exp.h lanes, so the same bits). */
 static double row_lse_f32(const float *x, int64_t v) {
-    float m = x[0];
-    for (int64_t j = 1; j < v; j++) m = x[j] > m ? x[j] : m;
-    double s = 0;
-    for (int64_t j = 0; j < v; j++) s += fl_expf(x[j] - m);
+    float m = fl_row_max_f32(x, v);
+    double s = fl_row_sum_exp_f32(x, v, m);
     // cppcheck-suppress invalidFunctionArg ; s >= 1: the maximum's own term is exp(0)
     return m + log(s);
 }

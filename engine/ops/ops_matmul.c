@@ -30,20 +30,30 @@ void fl_gemm_call(int32_t dt, bool ta, bool tb, int64_t m, int64_t n, int64_t k,
                     (blasint)k, alpha, a, (blasint)lda, b, (blasint)ldb, beta, c, (blasint)ldc);
 }
 
-/* Rows (or columns) of C per BLAS call. Fixed: the blocking must not depend on the thread count. Small
- * enough that 2..16 threads get balanced work on our shapes, large enough that packing stays cheap. */
-enum { GEMM_BLOCK = 64 };
+/* Rows (or columns) of C per BLAS call, from the length of the split dimension alone: the blocking must not
+ * depend on the thread count. Each call packs the whole other operand again, so blocks are as long as they can
+ * be (up to GEMM_BLOCK_MAX) while their count stays a multiple of 8, which 1, 2, 4 and 8 threads split evenly;
+ * multiples of 16 keep them on the kernels' register tiles, and at least GEMM_BLOCK_MIN so that small products
+ * are not cut into calls too short to pay for their packing. */
+enum { GEMM_BLOCK_MIN = 64, GEMM_BLOCK_MAX = 256, GEMM_BLOCK_ALIGN = 16, GEMM_BLOCKS_EVEN = 8 };
+
+static int64_t gemm_block(int64_t len) {
+    int64_t nblk = GEMM_BLOCKS_EVEN * ((len + GEMM_BLOCKS_EVEN * GEMM_BLOCK_MAX - 1) / (GEMM_BLOCKS_EVEN * GEMM_BLOCK_MAX));
+    int64_t blk = (len + nblk - 1) / nblk;
+    blk = (blk + GEMM_BLOCK_ALIGN - 1) / GEMM_BLOCK_ALIGN * GEMM_BLOCK_ALIGN;
+    return blk < GEMM_BLOCK_MIN ? GEMM_BLOCK_MIN : blk;
+}
 
 void fl_gemm(int32_t dt, bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha, const void *a, int64_t lda,
              const void *b, int64_t ldb, double beta, void *c, int64_t ldc) {
     size_t es = fl_dtype_size(dt);
     bool by_rows = m >= n;
-    int64_t len = by_rows ? m : n, nblk = (len + GEMM_BLOCK - 1) / GEMM_BLOCK;
+    int64_t len = by_rows ? m : n, blk = gemm_block(len), nblk = (len + blk - 1) / blk;
     /* Always an active parallel region, even for one block: OpenMP-built OpenBLAS threads itself whenever
      * omp_in_parallel() is false and OpenMP allows more than one thread (it ignores its own thread count). */
     #pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < nblk; i++) {
-        int64_t lo = i * GEMM_BLOCK, cnt = fl_min64(GEMM_BLOCK, len - lo);
+        int64_t lo = i * blk, cnt = fl_min64(blk, len - lo);
         if (by_rows) {  /* rows lo.. of C come from rows lo.. of op(A) */
             const char *ap = (const char *)a + (size_t)(ta ? lo : lo * lda) * es;
             fl_gemm_call(dt, ta, tb, cnt, n, k, alpha, ap, lda, b, ldb, beta, (char *)c + (size_t)(lo * ldc) * es, ldc);

@@ -8,8 +8,8 @@
 #include <math.h>
 
 #include "fl_math.h"
+#include "row_exp.h"
 
-enum { EXP_CHUNK = 1024 };  /* f32 exps go through a stack buffer in chunks so that the exp loop vectorises */
 
 static double ld(const void *p, int32_t dt, int64_t i) { return dt == FL_F32 ? (double)((const float *)p)[i] : ((const double *)p)[i]; }
 static void st(void *p, int32_t dt, int64_t i, double v) {
@@ -25,28 +25,15 @@ static void split_dims(const fl_tensor *t, int32_t dim, int64_t *outer, int64_t 
     *c = t->ndim ? t->shape[dim] : 1;
 }
 
-/* Sum of exp(x[j] - m) over a contiguous f32 row, exps vectorised in chunks, the sum in f64 in order. */
-static double sum_exp_f32(const float *x, int64_t c, float m) {
-    float tmp[EXP_CHUNK];
-    double s = 0;
-    for (int64_t j0 = 0; j0 < c; j0 += EXP_CHUNK) {
-        int64_t len = fl_min64(EXP_CHUNK, c - j0);
-        for (int64_t j = 0; j < len; j++) tmp[j] = fl_expf(x[j0 + j] - m);
-        for (int64_t j = 0; j < len; j++) s += tmp[j];
-    }
-    return s;
-}
-
 /* One row of c values at base + j*inner: y = softmax or log_softmax. */
 static void softmax_row(int32_t dt, const void *x, void *y, int64_t base, int64_t c, int64_t inner, bool logsm) {
     if (c == 0) return;  /* an empty row has no values to write (and its sum, 0, has no log) */
     double m = -INFINITY, s = 0;
-    for (int64_t j = 0; j < c; j++) { double v = ld(x, dt, base + j * inner); if (v > m) m = v; }
     if (dt == FL_F32 && inner == 1) {
-        /* contiguous f32 row: exp in f32 (vectorised), the sum in f64 */
+        /* contiguous f32 row: exp in f32 (vectorised), the sum in f64 (row_exp.h) */
         const float *xr = (const float *)x + base;
-        float *yr = (float *)y + base, mf = (float)m;
-        s = sum_exp_f32(xr, c, mf);
+        float *yr = (float *)y + base, mf = fl_row_max_f32(xr, c);
+        s = fl_row_sum_exp_f32(xr, c, mf);
         if (logsm) {
             float ls = (float)log(s);
             for (int64_t j = 0; j < c; j++) yr[j] = (xr[j] - mf) - ls;
@@ -55,8 +42,9 @@ static void softmax_row(int32_t dt, const void *x, void *y, int64_t base, int64_
             for (int64_t j = 0; j < c; j++) yr[j] = fl_expf(xr[j] - mf) * inv;
         }
     } else if (dt == FL_F32) {
-        float mf = (float)m;
-        for (int64_t j = 0; j < c; j++) s += fl_expf(((const float *)x)[base + j * inner] - mf);
+        /* the same lanes as a contiguous row, so softmax over any dim has the bits of the transposed row's */
+        float mf = fl_row_max_strided_f32((const float *)x + base, c, inner);
+        s = fl_row_sum_exp_strided_f32((const float *)x + base, c, inner, mf);
         /* cppcheck-suppress invalidFunctionArg ; c > 0 (checked on entry) and the max adds exp(0) = 1, so s >= 1 */
         float ls = (float)log(s), inv = (float)(1.0 / s);
         for (int64_t j = 0; j < c; j++) {
@@ -64,6 +52,7 @@ static void softmax_row(int32_t dt, const void *x, void *y, int64_t base, int64_
             ((float *)y)[base + j * inner] = logsm ? d - ls : fl_expf(d) * inv;
         }
     } else {
+        for (int64_t j = 0; j < c; j++) { double v = ld(x, dt, base + j * inner); if (v > m) m = v; }
         for (int64_t j = 0; j < c; j++) s += exp(ld(x, dt, base + j * inner) - m);
         /* cppcheck-suppress invalidFunctionArg ; c > 0 (checked on entry) and the max adds exp(0) = 1, so s >= 1 */
         double ls = log(s);
@@ -232,9 +221,8 @@ fl_tensor *fl_cross_entropy(const fl_tensor *logits, const fl_tensor *targets, i
         double m = -INFINITY, s = 0;
         if (dt == FL_F32) {   /* exp in f32 (as torch), the row sum in f64 */
             const float *xr = (const float *)px + i * c;
-            float mf = -INFINITY;
-            for (int64_t j = 0; j < c; j++) mf = xr[j] > mf ? xr[j] : mf;
-            s = sum_exp_f32(xr, c, mf);
+            float mf = fl_row_max_f32(xr, c);
+            s = fl_row_sum_exp_f32(xr, c, mf);
             m = mf;
         } else {
             const double *xr = (const double *)px + i * c;

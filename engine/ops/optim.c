@@ -19,6 +19,7 @@
 #include "internal.h"
 
 #include <math.h>
+#include <omp.h>
 
 enum { TORCH_VEC_CHUNK_F32 = 16 };  /* 2 * Vectorized<float>::size() on AVX2 */
 
@@ -65,23 +66,40 @@ typedef struct {
 #define ADAM_LERP(T, FMA, m, g, w1, small) \
     ((small) ? FMA((w1), (g) - (m), (m)) : FMA((w1) - (T)1, (g) - (m), (g)))
 
+/* Elements [lo, hi) of one AdamW step, every branch decided outside the loop so that GCC vectorises it (the
+ * per-element operations, and so the bits, are the same at any vector width). fused: torch's scalar-lambda
+ * rounding (addcmul contracted to an fma); small: which of lerp's two forms. A weight decay of 0 multiplies by
+ * 1, which is exact. */
+static inline __attribute__((always_inline)) void adamw_f32_range(float *restrict p, const float *restrict g,
+        float *restrict m, float *restrict v, int64_t lo, int64_t hi, bool fused, bool small, float decay, float w1,
+        float b2, float omb2, float bc2s, float eps, float nss) {
+    for (int64_t i = lo; i < hi; i++) {
+        float gi = g[i];
+        float pi = p[i] * decay;                                         /* param.mul_(1 - lr * wd) */
+        float mi = ADAM_LERP(float, fmaf, m[i], gi, w1, small);          /* exp_avg.lerp_(grad, 1 - beta1) */
+        float vi = madd_f(omb2 * gi, gi, v[i] * b2, fused);              /* exp_avg_sq.mul_(beta2).addcmul_(g, g, 1-beta2) */
+        float denom = sqrtf(vi) / bc2s + eps;                            /* (sqrt(v) / bc2_sqrt).add_(eps) */
+        p[i] = pi + nss * mi / denom;                                    /* param.addcdiv_(m, denom, -step_size) */
+        m[i] = mi;
+        v[i] = vi;
+    }
+}
+
 /* vec_end: local elements below it take torch's vector rounding (computed from the position in the whole
  * parameter, so a shard rounds each element exactly as the unsharded tensor would). */
 static void adamw_f32(float *p, const float *g, float *m, float *v, int64_t n, int64_t vec_end, const adam_scalars *s) {
-    const float decay = (float)s->decay, w1 = (float)s->w1, b2 = (float)s->b2, omb2 = (float)s->omb2;
-    const float bc2s = (float)s->bc2_sqrt, eps = (float)s->eps, nss = (float)s->neg_step_size;
-    const bool decay_on = s->decay_on, small = s->small_w1;
-    #pragma omp parallel for schedule(static) if (n > FL_PAR_MIN)
-    for (int64_t i = 0; i < n; i++) {
-        const bool tail = i >= vec_end;   /* torch's scalar lambda: addcmul contracts to an fma */
-        float pi = p[i], gi = g[i];
-        if (decay_on) pi = pi * decay;                                   /* param.mul_(1 - lr * wd) */
-        float mi = ADAM_LERP(float, fmaf, m[i], gi, w1, small);          /* exp_avg.lerp_(grad, 1 - beta1) */
-        float vi = v[i] * b2;                                            /* exp_avg_sq.mul_(beta2) */
-        vi = madd_f(omb2 * gi, gi, vi, tail);                            /* .addcmul_(grad, grad, value=1-beta2) */
-        float denom = sqrtf(vi) / bc2s + eps;                            /* (sqrt(v) / bc2_sqrt).add_(eps) */
-        pi = pi + nss * mi / denom;                                      /* param.addcdiv_(m, denom, -step_size) */
-        p[i] = pi; m[i] = mi; v[i] = vi;
+    const float decay = s->decay_on ? (float)s->decay : 1.0f, w1 = (float)s->w1, b2 = (float)s->b2;
+    const float omb2 = (float)s->omb2, bc2s = (float)s->bc2_sqrt, eps = (float)s->eps, nss = (float)s->neg_step_size;
+    int64_t split = vec_end < 0 ? 0 : vec_end > n ? n : vec_end;
+    #pragma omp parallel if (n > FL_PAR_MIN)
+    {
+        /* the same static split as `omp for` would make; the tail beyond `split` is < 16 elements */
+        int nt = omp_get_num_threads(), t = omp_get_thread_num();
+        int64_t lo = split * t / nt, hi = split * (t + 1) / nt;
+        if (s->small_w1) adamw_f32_range(p, g, m, v, lo, hi, false, true, decay, w1, b2, omb2, bc2s, eps, nss);
+        else adamw_f32_range(p, g, m, v, lo, hi, false, false, decay, w1, b2, omb2, bc2s, eps, nss);
+        if (t == nt - 1)
+            adamw_f32_range(p, g, m, v, split, n, true, s->small_w1, decay, w1, b2, omb2, bc2s, eps, nss);
     }
 }
 
