@@ -31,11 +31,14 @@ void fl_gemm_call(int32_t dt, bool ta, bool tb, int64_t m, int64_t n, int64_t k,
 }
 
 /* Rows (or columns) of C per BLAS call, from the length of the split dimension alone: the blocking must not
- * depend on the thread count. Each call packs the whole other operand again, so blocks are as long as they can
- * be (up to GEMM_BLOCK_MAX) while their count stays a multiple of 8, which 1, 2, 4 and 8 threads split evenly;
- * multiples of 16 keep them on the kernels' register tiles, and at least GEMM_BLOCK_MIN so that small products
- * are not cut into calls too short to pay for their packing. */
-enum { GEMM_BLOCK_MIN = 64, GEMM_BLOCK_MAX = 256, GEMM_BLOCK_ALIGN = 16, GEMM_BLOCKS_EVEN = 8 };
+ * depend on the thread count. Each call packs the whole other operand again (OpenBLAS threading itself would
+ * share one packing, but its split, and so the bits, follows the thread count), so blocks are as long as they
+ * can be, up to GEMM_BLOCK_MAX, while their count stays a multiple of 4, which 1, 2 and 4 threads split evenly:
+ * at GPT-2 124M, 64-row blocks spent ~20% of the step repacking, 128 ~13%, 256-512 ~8% (tokens/s 159 -> 188
+ * -> 205). More than 4 threads on one rank leave threads idle on products below 4 x 512 rows; 2-D tiles would
+ * serve them. Multiples of 16 keep blocks on the kernels' register tiles, and at least GEMM_BLOCK_MIN, so that
+ * small products are not cut into calls too short to pay for their packing. */
+enum { GEMM_BLOCK_MIN = 64, GEMM_BLOCK_MAX = 512, GEMM_BLOCK_ALIGN = 16, GEMM_BLOCKS_EVEN = 4 };
 
 static int64_t gemm_block(int64_t len) {
     int64_t nblk = GEMM_BLOCKS_EVEN * ((len + GEMM_BLOCKS_EVEN * GEMM_BLOCK_MAX - 1) / (GEMM_BLOCKS_EVEN * GEMM_BLOCK_MAX));
