@@ -26,7 +26,8 @@ struct fl_storage {
     int32_t category;   /* enum fl_mem_category */
     void *data;         /* NULL when released or meta */
     size_t nbytes;
-    size_t cap;         /* bytes of the block behind data (>= nbytes: a cached block may be a little larger) */
+    size_t cap;         /* bytes of the block behind data (>= nbytes: a cached block is rounded up) */
+    void *block;        /* its block in the caching allocator (storage.c), NULL when it came from malloc */
 };
 fl_storage *fl_storage_new(size_t nbytes, int32_t device); /* refcount 1, data allocated unless meta */
 void fl_storage_retain(fl_storage *s);

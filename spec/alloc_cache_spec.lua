@@ -1,6 +1,6 @@
 -- spec/alloc_cache_spec.lua: the caching host allocator (engine/core/storage.c): a training step in steady state
--- takes no large block from the system, freed blocks are kept and reused, empty_cache gives them back, and the
--- accounting counts tensors, not the cache.
+-- takes no large block from the system, freed blocks are kept and reused (split for smaller tensors, merged again
+-- when freed), empty_cache gives wholly free segments back, and the accounting counts tensors, not the cache.
 local fsdp = require "fsdp"
 local C    = fsdp.C
 
@@ -64,6 +64,32 @@ describe("the caching allocator", function()
     local v = fsdp.zeros({512, 1024})          -- after empty_cache the same size comes from the system again
     assert.equal(fresh0 + 2 * 2 ^ 20, tonumber(C.fl_mem_fresh_bytes()))
     v:free()
+  end)
+
+  it("splits a cached block for smaller tensors and merges the pieces back when they are freed", function()
+    collectgarbage(); collectgarbage()
+    fsdp.empty_cache()
+    local MiB = 2 ^ 20
+    local big = fsdp.zeros({2 * MiB})            -- 8 MiB: one segment of its own
+    local fresh0, cached0 = tonumber(C.fl_mem_fresh_bytes()), tonumber(C.fl_mem_cached())
+    big:free()
+    assert.equal(cached0 + 8 * MiB, tonumber(C.fl_mem_cached()))
+    -- two 3 MiB tensors come out of the 8 MiB block: no fresh bytes, 2 MiB stay cached
+    local a, b = fsdp.zeros({768 * 1024}), fsdp.zeros({768 * 1024})
+    assert.equal(fresh0, tonumber(C.fl_mem_fresh_bytes()))
+    assert.equal(cached0 + 2 * MiB, tonumber(C.fl_mem_cached()))
+    assert.equal(0, fsdp.F.sum_squares(a) + fsdp.F.sum_squares(b))
+    -- while a piece is alive its segment stays: empty_cache keeps the free rest
+    a:free()
+    fsdp.empty_cache()
+    assert.equal(cached0 + 5 * MiB, tonumber(C.fl_mem_cached()))
+    -- freed, the pieces merge into the whole 8 MiB again: an 8 MiB tensor takes it, nothing fresh
+    b:free()
+    local again = fsdp.zeros({2 * MiB})
+    assert.equal(fresh0, tonumber(C.fl_mem_fresh_bytes()))
+    again:free()
+    fsdp.empty_cache()
+    assert.equal(cached0, tonumber(C.fl_mem_cached()))
   end)
 
   it("is off with FSDP_CACHE_LIMIT_MB=0", function()

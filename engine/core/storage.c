@@ -4,12 +4,12 @@
  *
  * The cache: a training step allocates and frees the same large buffers every step (activations, gradients,
  * gathered weights). From malloc each is a fresh mmap whose pages the kernel faults in and clears again on every
- * step. Blocks of CACHE_MIN bytes or more are therefore kept on free lists by size class (log2 of the size) when
- * freed, and an allocation takes the smallest cached block of its class or the next that is at most 1/8 larger,
- * as PyTorch's CUDA caching allocator does on the device: steady-state steps touch no fresh pages. The cache holds
- * at most `limit` bytes (FSDP_CACHE_LIMIT_MB, default 4096; 0 turns it off); an allocation that fails empties it
- * and tries again. Accounting counts tensors' bytes, not cached ones (fl_mem_cached). Sanitizer builds do not
- * cache, so that a use after free is still caught. */
+ * step. Blocks of CACHE_MIN bytes or more therefore come from cached segments that a freed block goes back to
+ * (block splitting and merging, as PyTorch's CUDA caching allocator does on the device, below): steady-state
+ * steps touch no fresh pages. The cache keeps at most `limit` free bytes (FSDP_CACHE_LIMIT_MB, default 4096; 0
+ * turns it off); an allocation that fails gives the free segments back and tries again. Accounting counts
+ * tensors' bytes, not cached ones (fl_mem_cached). Sanitizer builds do not cache, so that a use after free is
+ * still caught. */
 #include "internal.h"
 
 #include <pthread.h>
@@ -41,13 +41,6 @@ void fl_mem_reset_peak(void) {
 int64_t fl_alloc_bytes_pending(void) { return atomic_load(&alloc_pending); }
 void fl_alloc_reset_pending(void) { atomic_store(&alloc_pending, 0); }
 
-/* 64-byte alignment: whole cache lines, and AVX-512 loads never split. */
-static void *alloc_raw(size_t n) {
-    void *p = NULL;
-    if (posix_memalign(&p, 64, n ? n : 64) != 0) return NULL;
-    return p;
-}
-
 #if defined(__SANITIZE_ADDRESS__)
 #define FL_NO_ALLOC_CACHE 1
 #elif defined(__has_feature)
@@ -56,17 +49,28 @@ static void *alloc_raw(size_t n) {
 #endif
 #endif
 
-enum { CACHE_MIN = 256 * 1024, CACHE_CLASSES = 48 };
+/* Blocks of CACHE_MIN bytes or more come from segments: regions taken from the system in multiples of SEGMENT
+ * bytes and cut into blocks. A request takes the smallest free block that holds it (its size rounded up to
+ * BLOCK_ROUND) and splits off the rest when that is CACHE_MIN or more; a freed block merges with free neighbours
+ * of its segment. So one region serves every size a step asks for (as PyTorch's CUDA caching allocator splits
+ * its segments), where whole blocks kept per size would hold the union of every size ever freed. Only a wholly
+ * free segment goes back to the system (past the limit, on empty_cache, or when the system is out of memory). */
+enum { CACHE_MIN = 256 * 1024, SEGMENT = 2 * 1024 * 1024, BLOCK_ROUND = 512, CACHE_CLASSES = 48 };
 
-typedef struct cached_block {
-    void *p;
-    size_t cap;
-    struct cached_block *next;
-} cached_block;
+typedef struct cblock {
+    char *p;
+    size_t size;
+    bool free;
+    uint64_t age;                   /* when it was freed (cache_clock): the oldest free segments go first */
+    struct cblock *prev, *next;     /* neighbours in its segment, by address; both NULL: a whole segment */
+    struct cblock *fprev, *fnext;   /* its free list (while free), by size */
+} cblock;
 
 static pthread_mutex_t cache_lock = PTHREAD_MUTEX_INITIALIZER;
-static cached_block *cache_class[CACHE_CLASSES];   /* each sorted by size, smallest first */
-static int64_t cache_bytes, cache_limit = -1;
+static cblock *free_class[CACHE_CLASSES];   /* free blocks by size class (log2), each sorted smallest first */
+static int64_t cache_bytes, cache_limit = -1;   /* cache_bytes: free bytes inside segments */
+static uint64_t cache_clock;
+static _Atomic int64_t fresh_bytes;   /* large blocks that came from the system, not the cache */
 
 static int size_class(size_t n) {
     int c = 0;
@@ -83,53 +87,132 @@ static int64_t limit_bytes(void) {
     return cache_limit;
 }
 
-/* A cached block of at least n bytes (at most n + n/8), removed from the cache; NULL when none. */
-static void *cache_take(size_t n, size_t *cap) {
-    void *p = NULL;
-    pthread_mutex_lock(&cache_lock);
-    for (int c = size_class(n); c < CACHE_CLASSES && !p; c++) {
-        for (cached_block **b = &cache_class[c]; *b; b = &(*b)->next) {
-            if ((*b)->cap < n) continue;
-            if ((*b)->cap > n + n / 8) break;   /* sorted: every later block is larger still */
-            cached_block *hit = *b;
-            *b = hit->next;
-            p = hit->p;
-            *cap = hit->cap;
-            cache_bytes -= (int64_t)hit->cap;
-            free(hit);
-            break;
-        }
-        if (c > size_class(n + n / 8)) break;
+/* Free-list bookkeeping; the caller holds cache_lock. */
+static void free_insert(cblock *b) {
+    b->free = true;
+    cblock **at = &free_class[size_class(b->size)], *prev = NULL;
+    while (*at && (*at)->size < b->size) { prev = *at; at = &(*at)->fnext; }
+    b->fnext = *at;
+    b->fprev = prev;
+    if (*at) (*at)->fprev = b;
+    *at = b;
+    cache_bytes += (int64_t)b->size;
+}
+
+static void free_remove(cblock *b) {
+    if (b->fprev) b->fprev->fnext = b->fnext;
+    else free_class[size_class(b->size)] = b->fnext;
+    if (b->fnext) b->fnext->fprev = b->fprev;
+    b->fprev = b->fnext = NULL;
+    b->free = false;
+    cache_bytes -= (int64_t)b->size;
+}
+
+/* The smallest free block of at least n bytes, off its free list; NULL when none. */
+static cblock *best_fit(size_t n) {
+    for (int c = size_class(n); c < CACHE_CLASSES; c++)
+        for (cblock *b = free_class[c]; b; b = b->fnext)
+            if (b->size >= n) { free_remove(b); return b; }
+    return NULL;
+}
+
+/* Gives wholly free segments back to the system, the least recently freed first, until the cache holds at most
+ * keep bytes (or no free segment is left). */
+static void release_segments(int64_t keep) {
+    while (cache_bytes > keep) {
+        cblock *oldest = NULL;
+        for (int c = 0; c < CACHE_CLASSES; c++)
+            for (cblock *b = free_class[c]; b; b = b->fnext)
+                if (!b->prev && !b->next && (!oldest || b->age < oldest->age)) oldest = b;
+        if (!oldest) return;
+        free_remove(oldest);
+        free(oldest->p);
+        free(oldest);
     }
-    pthread_mutex_unlock(&cache_lock);
+}
+
+/* 64-byte alignment: whole cache lines, and AVX-512 loads never split. */
+static void *alloc_raw(size_t n) {
+    void *p = NULL;
+    if (posix_memalign(&p, 64, n ? n : 64) != 0) return NULL;
     return p;
 }
 
-/* Keeps a freed block for reuse; false (the caller frees it) when it is small or the cache is full. */
-static bool cache_put(void *p, size_t cap) {
-#ifdef FL_NO_ALLOC_CACHE
-    (void)p; (void)cap;
-    return false;
-#else
-    if (cap < CACHE_MIN) return false;
-    cached_block *nb = malloc(sizeof *nb);
-    if (!nb) return false;
-    pthread_mutex_lock(&cache_lock);
-    if (cache_bytes + (int64_t)cap > limit_bytes()) {
+/* n bytes from the cache (its block in *blk, its size in *cap), or from the system (*blk NULL). */
+static void *alloc_bytes(size_t n, size_t *cap, cblock **blk) {
+    *cap = n;
+    *blk = NULL;
+    if (n < CACHE_MIN) return alloc_raw(n);
+#ifndef FL_NO_ALLOC_CACHE
+    if (limit_bytes() > 0) {
+        size_t want = (n + BLOCK_ROUND - 1) / BLOCK_ROUND * BLOCK_ROUND;
+        pthread_mutex_lock(&cache_lock);
+        cblock *b = best_fit(want);
+        if (!b) {
+            size_t seg = (want + SEGMENT - 1) / SEGMENT * SEGMENT;
+            void *p = alloc_raw(seg);
+            if (!p) {   /* memory is short: give the free segments back and try once more */
+                release_segments(0);
+                p = alloc_raw(seg);
+            }
+            if (p) b = calloc(1, sizeof *b);
+            if (!b) {
+                pthread_mutex_unlock(&cache_lock);
+                free(p);
+                return NULL;
+            }
+            b->p = p;
+            b->size = seg;
+            atomic_fetch_add(&fresh_bytes, (int64_t)seg);
+        }
+        if (b->size - want >= CACHE_MIN) {   /* split: the rest stays free */
+            cblock *r = calloc(1, sizeof *r);
+            if (r) {
+                r->p = b->p + want;
+                r->size = b->size - want;
+                r->prev = b;
+                r->next = b->next;
+                if (b->next) b->next->prev = r;
+                b->next = r;
+                b->size = want;
+                r->age = cache_clock++;
+                free_insert(r);
+            }
+        }
         pthread_mutex_unlock(&cache_lock);
-        free(nb);
-        return false;
+        *cap = b->size;
+        *blk = b;
+        return b->p;
     }
-    nb->p = p;
-    nb->cap = cap;
-    cached_block **b = &cache_class[size_class(cap)];
-    while (*b && (*b)->cap < cap) b = &(*b)->next;
-    nb->next = *b;
-    *b = nb;
-    cache_bytes += (int64_t)cap;
-    pthread_mutex_unlock(&cache_lock);
-    return true;
 #endif
+    atomic_fetch_add(&fresh_bytes, (int64_t)n);
+    return alloc_raw(n);
+}
+
+/* Returns a block to its segment, merged with its free neighbours; past the limit, the oldest free segments go. */
+static void free_block(cblock *b) {
+    pthread_mutex_lock(&cache_lock);
+    if (b->next && b->next->free) {
+        cblock *n = b->next;
+        free_remove(n);
+        b->size += n->size;
+        b->next = n->next;
+        if (n->next) n->next->prev = b;
+        free(n);
+    }
+    if (b->prev && b->prev->free) {
+        cblock *pv = b->prev;
+        free_remove(pv);
+        pv->size += b->size;
+        pv->next = b->next;
+        if (b->next) b->next->prev = pv;
+        free(b);
+        b = pv;
+    }
+    b->age = cache_clock++;
+    free_insert(b);
+    release_segments(limit_bytes());
+    pthread_mutex_unlock(&cache_lock);
 }
 
 bool fl_mem_cache_enabled(void) {
@@ -152,37 +235,11 @@ int64_t fl_mem_cached(void) {
 
 void fl_mem_empty_cache(void) {
     pthread_mutex_lock(&cache_lock);
-    for (int c = 0; c < CACHE_CLASSES; c++) {
-        while (cache_class[c]) {
-            cached_block *b = cache_class[c];
-            cache_class[c] = b->next;
-            free(b->p);
-            free(b);
-        }
-    }
-    cache_bytes = 0;
+    release_segments(0);
     pthread_mutex_unlock(&cache_lock);
 }
 
-static _Atomic int64_t fresh_bytes;   /* large blocks that came from the system, not the cache */
-
 int64_t fl_mem_fresh_bytes(void) { return atomic_load(&fresh_bytes); }
-
-static void *alloc_bytes(size_t n, size_t *cap) {
-    *cap = n;
-    if (n >= CACHE_MIN) {
-        void *p = cache_take(n, cap);
-        if (p) return p;
-        atomic_fetch_add(&fresh_bytes, (int64_t)n);
-    }
-    void *p = alloc_raw(n);
-    if (!p && fl_mem_cached() > 0) {   /* memory is short: give the cache back and try once more */
-        fl_mem_empty_cache();
-        p = alloc_raw(n);
-    }
-    *cap = n;
-    return p;
-}
 
 fl_storage *fl_storage_new(size_t nbytes, int32_t device) {
     fl_storage *s = calloc(1, sizeof *s);
@@ -208,8 +265,10 @@ void fl_storage_release(fl_storage *s) {
 
 int fl_storage_free_data(fl_storage *s) {
     if (s->data) {
-        if (!cache_put(s->data, s->cap)) free(s->data);
+        if (s->block) free_block(s->block);
+        else free(s->data);
         s->data = NULL;
+        s->block = NULL;
         account(s->category, -(int64_t)s->nbytes);
     }
     return FL_OK;
@@ -218,7 +277,7 @@ int fl_storage_free_data(fl_storage *s) {
 int fl_storage_alloc_data(fl_storage *s) {
     if (s->data) return FL_OK;
     if (s->device == FL_CUDA) return fl_fail(FL_EUNSUPPORTED, "storage: this build has no CUDA device memory");
-    s->data = alloc_bytes(s->nbytes, &s->cap);
+    s->data = alloc_bytes(s->nbytes, &s->cap, (cblock **)&s->block);
     if (!s->data) return fl_fail(FL_ENOMEM, "storage: cannot allocate %zu bytes", s->nbytes);
     if (s->device == FL_META) s->device = FL_CPU;
     account(s->category, (int64_t)s->nbytes);
