@@ -55,6 +55,20 @@ print(fsdp.ones({2, 2}):sum():item())
     assert.equal(script .. "\talpha\ttwo words\t2\t2\talpha\ttwo words\n4\n", out)
   end)
 
+  it("starts OpenMP with OMP_WAIT_POLICY=passive unless the user set it, in one process and in every rank", function()
+    -- libgomp reads the variable when it loads, so the value a script sees is the one its threads run with
+    local show = " -e 'print(os.getenv(\"OMP_WAIT_POLICY\"))'"
+    local out, rc = sh("env -u OMP_WAIT_POLICY " .. exe .. show)
+    assert.equal(0, rc)
+    assert.equal("passive\n", out)
+    out, rc = sh("OMP_WAIT_POLICY=active " .. exe .. show)
+    assert.equal(0, rc)
+    assert.equal("active\n", out)
+    out, rc = sh("env -u OMP_WAIT_POLICY " .. exe .. " -n 2" .. show)
+    assert.equal(0, rc)
+    assert.equal("passive\npassive\n", out)
+  end)
+
   it("runs -e statements in order before the script", function()
     local script = write("after.lua", "print('script sees', x)\n")
     local out, rc = sh(exe .. " -e 'x = 1' -e 'x = x + 41; print(x)' " .. script)

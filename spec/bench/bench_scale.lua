@@ -9,7 +9,7 @@
 --          [--timeout S] [--no-torch] [--list]
 --   --sizes  comma-separated configurations (gpt2-256, ...) or sizes (gpt2: both of its seqs); default: all
 --            but "bench" (the 10.8M bench model, a quick check of the harness itself)
---   --steps  timed steps, --warmup untimed steps first (default: each configuration's, 1-2 and 1, below)
+--   --steps  timed steps, --warmup untimed steps first (default: each configuration's, 1-2 and 2, below)
 --   --ranks  of DDP/FSDP/FSDP2 (2)
 --   --timeout  the wall-clock limit of every run, in seconds (default: each configuration's own, below)
 -- A run that would not fit is not started: params + grads + AdamW states (16 bytes a parameter, f32) times the
@@ -24,16 +24,17 @@ local q = bench.quote
 
 -- The configurations, in the order they run; each whole configuration takes 3-17 minutes on 2 quiet cores, about
 -- 40 in all. batch: global, split over the ranks (2 is one sequence a rank). steps, warmup: timed and untimed
--- steps (--steps/--warmup override them). timeout: each run's limit in seconds, about 3x what its slowest run
--- (PyTorch eager, or DDP/FSDP, which time their loop again without communication) took on a busy machine,
--- scaled up when --steps/--warmup ask for more steps.
+-- steps (--steps/--warmup override them); 2 warmup steps: the second step still grows the caching allocator's
+-- segments (the first has no prefetch and allocates the optimizer states), the third is the steady state.
+-- timeout: each run's limit in seconds, about 3x what its slowest run (PyTorch eager, or DDP/FSDP, which time
+-- their loop again without communication) took on a busy machine, scaled up when --steps/--warmup ask for more.
 local CONFIGS = {
-  {name = "bench", size = "bench", seq = 256, batch = 8, steps = 2, warmup = 1, timeout = 120, quick = true},
-  {name = "gpt2-256", size = "gpt2", seq = 256, batch = 4, steps = 2, warmup = 1, timeout = 300},
-  {name = "gpt2-1024", size = "gpt2", seq = 1024, batch = 2, steps = 2, warmup = 1, timeout = 450},
-  {name = "gpt2-medium-256", size = "gpt2-medium", seq = 256, batch = 2, steps = 2, warmup = 1, timeout = 600},
-  {name = "gpt2-medium-1024", size = "gpt2-medium", seq = 1024, batch = 2, steps = 1, warmup = 1, timeout = 900},
-  {name = "llama-1b-256", size = "llama-1b", seq = 256, batch = 2, steps = 1, warmup = 1, timeout = 900},
+  {name = "bench", size = "bench", seq = 256, batch = 8, steps = 2, warmup = 2, timeout = 120, quick = true},
+  {name = "gpt2-256", size = "gpt2", seq = 256, batch = 4, steps = 2, warmup = 2, timeout = 300},
+  {name = "gpt2-1024", size = "gpt2", seq = 1024, batch = 2, steps = 2, warmup = 2, timeout = 450},
+  {name = "gpt2-medium-256", size = "gpt2-medium", seq = 256, batch = 2, steps = 2, warmup = 2, timeout = 600},
+  {name = "gpt2-medium-1024", size = "gpt2-medium", seq = 1024, batch = 2, steps = 1, warmup = 2, timeout = 900},
+  {name = "llama-1b-256", size = "llama-1b", seq = 256, batch = 2, steps = 1, warmup = 2, timeout = 900},
 }
 
 local opts = {ranks = 2, torch = true}
