@@ -7,10 +7,12 @@
  * reduce_scatter, whatever MPI's own algorithms are. */
 #include "comm_internal.h"
 
-/* Scratch buffers of the communication thread, grown as needed and kept: a fresh allocation per collective
- * would page-fault its way through every byte again. */
-static void *scratch_recv = NULL, *scratch_acc = NULL;
-static size_t scratch_recv_n = 0, scratch_acc_n = 0;
+/* The bf16/f16 accumulator of the communication thread (a float per element of one chunk), grown as needed and
+ * kept. The receive buffer (every rank's chunk: a whole unit's gradient under FSDP) comes from the caching
+ * allocator for each reduction and goes back after, counted as "other": at the end of backward, when the root
+ * unit's gradient is reduced, it reuses the pages the freed activations left instead of holding its own. */
+static void *scratch_acc = NULL;
+static size_t scratch_acc_n = 0;
 
 static void *scratch(void **buf, size_t *have, size_t need) {
     if (need <= *have) return *buf;
@@ -131,7 +133,9 @@ int fl_reduce_chunks(fl_comm *c, const void *in, int64_t n, void *out, int32_t d
     }
     int rc = FL_OK;
     size_t need = es * (size_t)(my_len * N);
-    void *buf = scratch(&scratch_recv, &scratch_recv_n, need + 64);
+    fl_storage *recv = fl_storage_new(need + 64, FL_CPU);
+    if (recv) fl_storage_set_category(recv, FL_MEM_OTHER);
+    void *buf = recv ? recv->data : NULL;
     float *acc = es == 2 ? scratch(&scratch_acc, &scratch_acc_n, sizeof(float) * (size_t)my_len + 64) : NULL;
     if (!buf || (es == 2 && !acc)) { rc = fl_fail(FL_ENOMEM, "out of memory for %zu bytes of receive buffer", need); goto done; }
     rc = fl_mpi_alltoallv(c->mpi, in, sc, sd, buf, rcnt, rd, es);
@@ -139,13 +143,13 @@ int fl_reduce_chunks(fl_comm *c, const void *in, int64_t n, void *out, int32_t d
     reduce_ranks((char *)out + (equal_chunks ? 0 : (size_t)my_start * es), buf, my_len, N, my_len, dtype, op, acc);
     if (!equal_chunks) rc = fl_mpi_allgatherv_inplace(c->mpi, out, sc, sd, es);
 done:
+    fl_storage_release(recv);
     free(sc);
     return rc;
 }
 
 void fl_reduce_scratch_free(void) {
-    free(scratch_recv);
     free(scratch_acc);
-    scratch_recv = scratch_acc = NULL;
-    scratch_recv_n = scratch_acc_n = 0;
+    scratch_acc = NULL;
+    scratch_acc_n = 0;
 }

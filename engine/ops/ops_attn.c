@@ -44,17 +44,45 @@ static uint64_t drop_elem(const attn_geo *g, int64_t b, int64_t h, int64_t i, in
     return (((uint64_t)b * (uint64_t)g->nh + (uint64_t)h) * (uint64_t)g->t + (uint64_t)i) * (uint64_t)g->t + (uint64_t)j;
 }
 
+/* Max and sum of a row in ATTN_LANES fixed lanes (element j in lane j % ATTN_LANES), combined in a fixed order:
+ * GCC vectorises them, and the bits depend on the row alone, never on the thread count or the vector width. */
+enum { ATTN_LANES = 16 };
+#define DEFINE_ROW_LANES(T)                                                                                      \
+    static inline T row_max_##T(const T *x, int64_t n) {                                                         \
+        T lane[ATTN_LANES], m = -INFINITY;                                                                        \
+        for (int l = 0; l < ATTN_LANES; l++) lane[l] = -INFINITY;                                                 \
+        int64_t j = 0;                                                                                            \
+        for (; j + ATTN_LANES <= n; j += ATTN_LANES)                                                              \
+            for (int l = 0; l < ATTN_LANES; l++) lane[l] = x[j + l] > lane[l] ? x[j + l] : lane[l];               \
+        for (int l = 0; l < ATTN_LANES; l++) m = lane[l] > m ? lane[l] : m;                                       \
+        for (; j < n; j++) m = x[j] > m ? x[j] : m;                                                               \
+        return m;                                                                                                 \
+    }                                                                                                            \
+    static inline T row_sum_##T(const T *x, int64_t n) {                                                         \
+        T lane[ATTN_LANES];                                                                                       \
+        for (int l = 0; l < ATTN_LANES; l++) lane[l] = 0;                                                         \
+        int64_t j = 0;                                                                                            \
+        for (; j + ATTN_LANES <= n; j += ATTN_LANES)                                                              \
+            for (int l = 0; l < ATTN_LANES; l++) lane[l] += x[j + l];                                             \
+        for (int w = ATTN_LANES / 2; w >= 1; w /= 2)                                                              \
+            for (int l = 0; l < w; l++) lane[l] += lane[l + w];                                                   \
+        T s = lane[0];                                                                                            \
+        for (; j < n; j++) s += x[j];                                                                             \
+        return s;                                                                                                 \
+    }
+DEFINE_ROW_LANES(float)
+DEFINE_ROW_LANES(double)
+
 /* In place over S [bq, klen] (scores of rows i0.., keys klo..): masked softmax rows; lse[r] = logsumexp.
- * The exp loop is separate from the (ordered, scalar) sum so that it vectorises. */
+ * The exp loop is separate from the (lane) max and sum so that all three vectorise. */
 #define DEFINE_SOFTMAX_ROWS(T, EXP, LOG)                                                                         \
     static void softmax_rows_##T(const attn_geo *g, T *s, int64_t i0, int64_t bq, int64_t klo, int64_t klen,      \
                                  T *lse) {                                                                       \
         for (int64_t r = 0; r < bq; r++) {                                                                       \
             int64_t i = i0 + r, jlo = row_lo(g, i) - klo, jhi = i - klo; /* inclusive */                        \
-            T *row = s + r * klen, m = -INFINITY, sum = 0;                                                        \
-            for (int64_t j = jlo; j <= jhi; j++) m = row[j] > m ? row[j] : m;                                     \
+            T *row = s + r * klen, m = row_max_##T(row + jlo, jhi - jlo + 1);                                     \
             for (int64_t j = jlo; j <= jhi; j++) row[j] = EXP(row[j] - m);                                        \
-            for (int64_t j = jlo; j <= jhi; j++) sum += row[j];                                                   \
+            T sum = row_sum_##T(row + jlo, jhi - jlo + 1);                                                        \
             T inv = (T)1 / sum;                                                                                   \
             for (int64_t j = 0; j < jlo; j++) row[j] = 0;                                                         \
             for (int64_t j = jlo; j <= jhi; j++) row[j] *= inv;                                                   \
