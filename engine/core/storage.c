@@ -189,24 +189,25 @@ static void *alloc_bytes(size_t n, size_t *cap, cblock **blk) {
     return alloc_raw(n);
 }
 
+/* a absorbs b, its next neighbour in the segment; neither is on a free list. */
+static void absorb_next(cblock *a, cblock *b) {
+    a->size += b->size;
+    a->next = b->next;
+    if (b->next) b->next->prev = a;
+    free(b);
+}
+
 /* Returns a block to its segment, merged with its free neighbours; past the limit, the oldest free segments go. */
 static void free_block(cblock *b) {
     pthread_mutex_lock(&cache_lock);
     if (b->next && b->next->free) {
-        cblock *n = b->next;
-        free_remove(n);
-        b->size += n->size;
-        b->next = n->next;
-        if (n->next) n->next->prev = b;
-        free(n);
+        free_remove(b->next);
+        absorb_next(b, b->next);
     }
     if (b->prev && b->prev->free) {
         cblock *pv = b->prev;
         free_remove(pv);
-        pv->size += b->size;
-        pv->next = b->next;
-        if (b->next) b->next->prev = pv;
-        free(b);
+        absorb_next(pv, b);
         b = pv;
     }
     b->age = cache_clock++;
