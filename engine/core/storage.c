@@ -138,11 +138,23 @@ static void *alloc_raw(size_t n) {
     return p;
 }
 
+/* From the system; when memory is short, the cache's free segments go back first and it tries once more. */
+static void *alloc_system(size_t n) {
+    void *p = alloc_raw(n);
+    if (!p) {
+        pthread_mutex_lock(&cache_lock);
+        release_segments(0);
+        pthread_mutex_unlock(&cache_lock);
+        p = alloc_raw(n);
+    }
+    return p;
+}
+
 /* n bytes from the cache (its block in *blk, its size in *cap), or from the system (*blk NULL). */
 static void *alloc_bytes(size_t n, size_t *cap, cblock **blk) {
     *cap = n;
     *blk = NULL;
-    if (n < CACHE_MIN) return alloc_raw(n);
+    if (n < CACHE_MIN) return alloc_system(n);
 #ifndef FL_NO_ALLOC_CACHE
     if (limit_bytes() > 0) {
         size_t want = (n + BLOCK_ROUND - 1) / BLOCK_ROUND * BLOCK_ROUND;
@@ -186,7 +198,7 @@ static void *alloc_bytes(size_t n, size_t *cap, cblock **blk) {
     }
 #endif
     atomic_fetch_add(&fresh_bytes, (int64_t)n);
-    return alloc_raw(n);
+    return alloc_system(n);
 }
 
 /* a absorbs b, its next neighbour in the segment; neither is on a free list. */
