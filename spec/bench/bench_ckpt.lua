@@ -164,7 +164,7 @@ local function run_async()
     fsdp.clip_grad_norm(params, 1.0)
     opt:step()
     opt:zero_grad()
-    out.loss:free(); out.logits:free(); ids:free()
+    out.loss:free(); ids:free()   -- with labels the fused head makes no logits
   end
   for s = 1, 2 do train_step(s) end   -- warmup; AdamW's state exists from here on, so it is saved too
 

@@ -21,10 +21,53 @@ local function read_file(path)
   return s
 end
 
-local function read_json(path, what)
+-- lua-cjson 2.1.0 decodes [] and {} alike as an empty table, and a re-saved config would turn Qwen-MoE's
+-- "mlp_only_layers": [] into {} (which transformers refuses). So each empty list of the text is decoded as a
+-- one-element list of this marker first, and then becomes an empty table under models.list_mt. (A JSON string
+-- that decodes to exactly the marker, alone in a list, would be taken for an empty list.)
+local EMPTY = "\0fsdp: empty list"
+
+local function mark_empty_lists(s)
+  local parts, from, pos = {}, 1, 1
+  while true do
+    local j = s:find('[%["]', pos)
+    if not j then break end
+    if s:byte(j) == 34 then          -- a string: skip to its closing quote, past escapes
+      local k = j + 1
+      while true do
+        local q = s:find('[\\"]', k)
+        if not q then return s end   -- unterminated: cjson reports it
+        if s:byte(q) == 92 then k = q + 2 else pos = q + 1; break end
+      end
+    else
+      local after = s:match("^%[%s*%]()", j)
+      if after then
+        parts[#parts + 1] = s:sub(from, j - 1) .. '["\\u0000fsdp: empty list"]'
+        from = after
+      end
+      pos = after or j + 1
+    end
+  end
+  parts[#parts + 1] = s:sub(from)
+  return table.concat(parts)
+end
+
+local function unmark(v)
+  if type(v) ~= "table" then return v end
+  if v[1] == EMPTY and #v == 1 and next(v, next(v)) == nil then return setmetatable({}, models.list_mt) end
+  for k, x in pairs(v) do v[k] = unmark(x) end
+  return v
+end
+
+-- The JSON text of a config as Lua tables, empty lists kept as lists.
+function M.decode_config(text)
+  return unmark(cjson.decode(mark_empty_lists(text)))
+end
+
+local function read_json(path, what, decode)
   local s, err = read_file(path)
   if not s then core.raise(("%s: cannot read '%s': %s"):format(what, path, tostring(err))) end
-  local ok, doc = pcall(cjson.decode, s)
+  local ok, doc = pcall(decode or cjson.decode, s)
   if not ok then core.raise(("%s: '%s' is not valid JSON: %s"):format(what, path, tostring(doc))) end
   return doc
 end
@@ -69,6 +112,64 @@ function M.checkpoint_index(dir)
   return out
 end
 
+-- The key of the checkpoint that holds parameter `name`: its own, or (a base model's checkpoint, such as
+-- openai-community/gpt2: "h.0.attn..." without "transformer.") the name without spec.base_prefix.
+local function key_of(index, spec, name)
+  if index[name] then return name end
+  local p = spec.base_prefix
+  if p and name:sub(1, #p + 1) == p .. "." and index[name:sub(#p + 2)] then return name:sub(#p + 2) end
+  return nil
+end
+
+-- Whether stored tensors ka and kb (entries of checkpoint_index) hold the same values: the same dtype, shape and
+-- bytes, compared a MiB at a time. (transformers compares the loaded parameters; a head stored in another dtype
+-- than the embedding counts as different here, and loads untied with the same values.)
+local function same_tensor(index, ka, kb)
+  local ea, eb = index[ka].hdr.tensors[ka], index[kb].hdr.tensors[kb]
+  if ea.dtype ~= eb.dtype or table.concat(ea.shape, ",") ~= table.concat(eb.shape, ",") then return false end
+  local function open(path)
+    local f, err = io.open(path, "rb")
+    if not f then core.raise(("from_pretrained: cannot read '%s': %s"):format(path, tostring(err))) end
+    return f
+  end
+  local fa, fb = open(index[ka].file), open(index[kb].file)
+  fa:seek("set", ea.offset); fb:seek("set", eb.offset)
+  local left, same = ea.nbytes, true
+  while left > 0 and same do
+    local n = math.min(left, 2 ^ 20)
+    same = fa:read(n) == fb:read(n)
+    left = left - n
+  end
+  fa:close(); fb:close()
+  return same
+end
+
+-- tie_word_embeddings over what the files hold, as transformers 5 ties on load (PreTrainedModel.tie_weights):
+-- both tensors stored and equal, or only the embedding: tied. Only the head stored: tied, the embedding read from
+-- the head's key (returned as {embedding name = head key}). Both stored and different: the config is wrong about
+-- the files, so the model keeps both, untied (cfg.tie_word_embeddings becomes false, which save_pretrained then
+-- writes), and says so once on stderr (rank 0).
+local function resolve_tying(dir, cfg, spec, index)
+  local read_from = {}
+  if not cfg.tie_word_embeddings then return read_from end
+  for head, emb in pairs(spec.tied) do
+    local hk, ek = key_of(index, spec, head), key_of(index, spec, emb)
+    if hk and ek and not same_tensor(index, hk, ek) then
+      cfg.tie_word_embeddings = false
+      local dist = require "fsdp.dist"
+      if not dist.is_initialized() or dist.rank() == 0 then
+        io.stderr:write(("fsdp: from_pretrained: '%s/config.json' sets tie_word_embeddings, but the checkpoint "
+          .. "holds %s and %s with different values: both are loaded, untied, as transformers does (the model's "
+          .. "config now says tie_word_embeddings = false)\n"):format(dir, hk, ek))
+        io.stderr:flush()
+      end
+    elseif hk and not ek then
+      read_from[emb] = hk
+    end
+  end
+  return read_from
+end
+
 local FP_OPTS = {dtype = true, fsdp_plan = true, mesh = true}
 
 -- from_pretrained(dir, {dtype =, fsdp_plan =, mesh =}): config.json -> the model on meta -> (with fsdp_plan) the
@@ -79,21 +180,19 @@ local FP_OPTS = {dtype = true, fsdp_plan = true, mesh = true}
 function M.from_pretrained(dir, opts)
   opts = core.check_opts("from_pretrained", opts, FP_OPTS, 2)
   if opts.mesh ~= nil and opts.fsdp_plan == nil then core.raise("from_pretrained: mesh needs fsdp_plan") end
-  local raw = read_json(dir .. "/config.json", "from_pretrained")
+  local raw = read_json(dir .. "/config.json", "from_pretrained", M.decode_config)
   if type(raw.model_type) ~= "string" then
     error(("from_pretrained: '%s/config.json' has no model_type"):format(dir), 2)
   end
   local cfg = models.config(raw.model_type, raw)
+  local index = M.checkpoint_index(dir)
+  local read_from = resolve_tying(dir, cfg, models.registry[cfg.model_type], index)
   local model = models.build(cfg, {device = "meta", dtype = opts.dtype or "f32"})
   local spec = model.model_spec
-  local index = M.checkpoint_index(dir)
   local used, missing, mismatched, plan = {}, {}, {}, {}
   for _, e in ipairs(model:parameter_list()) do
     local name, t = e[1], e[2]
-    local key = name
-    if not index[key] and spec.base_prefix and name:sub(1, #spec.base_prefix + 1) == spec.base_prefix .. "." then
-      key = name:sub(#spec.base_prefix + 2)    -- e.g. openai-community/gpt2: "h.0.attn..." without "transformer."
-    end
+    local key = key_of(index, spec, name) or read_from[name] or name
     local src, offset, fused = index[key], 0, false
     if not src and spec.fused_source then
       -- an MoE expert in a fused checkpoint: its rows are one contiguous range of the fused tensor
@@ -173,14 +272,18 @@ local function num(v, as_float)
   end
 end
 
-local function encode(v, indent, float_keys, key)
+-- encode(v, indent, float_keys, key, list_keys): an empty table is [] when it carries models.list_mt (an empty
+-- list of a config.json read back) or sits under one of list_keys, and {} otherwise.
+local function encode(v, indent, float_keys, key, list_keys)
   local t = type(v)
   if t == "table" then
-    if next(v) == nil then return "{}" end
+    if next(v) == nil then
+      return (getmetatable(v) == models.list_mt or (list_keys and list_keys[key])) and "[]" or "{}"
+    end
     local inner = indent .. "  "
     if #v > 0 then
       local parts = {}
-      for i, x in ipairs(v) do parts[i] = inner .. encode(x, inner, float_keys, key) end
+      for i, x in ipairs(v) do parts[i] = inner .. encode(x, inner, float_keys, key, list_keys) end
       return "[\n" .. table.concat(parts, ",\n") .. "\n" .. indent .. "]"
     end
     local keys = {}
@@ -188,7 +291,7 @@ local function encode(v, indent, float_keys, key)
     table.sort(keys)
     local parts = {}
     for i, k in ipairs(keys) do
-      parts[i] = inner .. cjson.encode(k) .. ": " .. encode(v[k], inner, float_keys, k)
+      parts[i] = inner .. cjson.encode(k) .. ": " .. encode(v[k], inner, float_keys, k, list_keys)
     end
     return "{\n" .. table.concat(parts, ",\n") .. "\n" .. indent .. "}"
   elseif t == "number" then
@@ -200,6 +303,10 @@ local function encode(v, indent, float_keys, key)
 end
 
 M.encode_json = encode
+
+-- The config keys whose value is a list in transformers (hf-models.md): empty, they are still written as [].
+local LIST_KEYS = {architectures = true, layer_types = true, mlp_only_layers = true, bos_token_id = true,
+                   eos_token_id = true, pad_token_id = true}
 
 local TORCH_DTYPE = {f32 = "float32", f64 = "float64", bf16 = "bfloat16", f16 = "float16"}
 local ELEM_SIZE = {f32 = 4, f64 = 8, bf16 = 2, f16 = 2}
@@ -348,7 +455,7 @@ function M.save_pretrained(model, dir, opts)
         if not ok then core.raise(("save_pretrained: cannot write '%s': %s"):format(path, tostring(werr))) end
         written[#written + 1] = path
       end
-      text_file("config.json", encode(out, "", fk, nil) .. "\n")
+      text_file("config.json", encode(out, "", fk, nil, LIST_KEYS) .. "\n")
       if n > 1 then
         local map = {}
         for _, f in ipairs(files) do for _, e in ipairs(f.entries) do map[e.name] = f.name end end

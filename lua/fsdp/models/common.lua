@@ -9,9 +9,20 @@ local ops    = require "fsdp.nn.ops"
 local M = {}
 
 -- labels: the loss; logits: with labels, also return the logits (the loss then comes from them; without it the head
--- and the loss are one fused op that never holds the [B*T, V] logits, and out.logits is nil); cache: a generation
--- cache (fsdp/generate.lua) the attention reads and extends; last_only: logits of the last position only.
+-- and the loss are one fused op that never holds the [B*T, V] logits, and reading out.logits is an error that says
+-- so); cache: a generation cache (fsdp/generate.lua) the attention reads and extends; last_only: logits of the last
+-- position only.
 M.FORWARD_OPTS = {labels = true, logits = true, cache = true, last_only = true}
+
+-- The output of a training forward (labels, no logits = true): out.loss (and out.aux_loss), and an error instead
+-- of a silent nil for out.logits, which was never made.
+local FusedOutput = {__name = "CausalLMOutput", __index = function(_, k)
+  if k == "logits" then
+    core.raise("forward: out.logits was not computed: with labels the head and the loss are one fused op that "
+               .. "never holds the logits; pass logits = true (model(ids, {labels = ids, logits = true})) to get them")
+  end
+end}
+M.FusedOutput = FusedOutput
 
 -- targets[b, t] = labels[b, t+1], and -100 at t = T-1: the model shifts labels, not input_ids. Empty sequences
 -- (T = 0) have no targets: the loss is then a mean over nothing, NaN, as in transformers.
@@ -76,7 +87,7 @@ function M.causal_lm_forward(self, class_name, base, input_ids, opts)
     local flat = basic.view(h, {B * T, H}); h:free()
     local loss = self.lm_head(flat, targets)
     flat:free(); targets:free()
-    return {loss = loss}
+    return setmetatable({loss = loss}, FusedOutput)
   end
   if opts.last_only then
     local last = basic.narrow(h, 2, h:size(2), 1); h:free()

@@ -30,14 +30,21 @@ local function spec_of(model_type, what)
   return spec
 end
 
--- JSON null -> absent, recursively (cjson decodes null as a sentinel).
+-- The metatable of a list that must stay a JSON list: lua-cjson 2.1.0 decodes [] and {} alike as an empty table,
+-- so fsdp.checkpoint.hf marks each empty list of a config.json with it, and save_pretrained writes it back as [].
+M.list_mt = {__name = "json list"}
+
+-- An empty list that config.json writes as [] (models.config(..., {mlp_only_layers = models.empty_list()})).
+function M.empty_list() return setmetatable({}, M.list_mt) end
+
+-- JSON null -> absent, recursively (cjson decodes null as a sentinel); list marks are kept.
 local function strip_null(v)
   if type(v) ~= "table" then return v end
   local out = {}
   for k, x in pairs(v) do
     if x ~= cjson.null then out[k] = strip_null(x) end
   end
-  return out
+  return setmetatable(out, getmetatable(v))
 end
 
 -- The kinds of config values (an architecture's M.schema maps keys to kinds; a trailing "?" allows nil).
@@ -58,7 +65,9 @@ local KINDS = {
   end},
 }
 
-local function validate(model_type, schema, cfg)
+-- names: the key each schema key was given under (an alias such as Qwen3-MoE's num_experts), for the message.
+local function validate(model_type, schema, cfg, names)
+  names = names or {}
   local keys = {}
   for k in pairs(schema) do keys[#keys + 1] = k end
   table.sort(keys)   -- the first bad key in a stable order
@@ -69,7 +78,7 @@ local function validate(model_type, schema, cfg)
     if not (optional and v == nil) then
       local spec = assert(KINDS[optional and kind:sub(1, -2) or kind], kind)
       if not spec[2](v) then
-        core.raise(("config: %s: %s must be %s, got %s"):format(model_type, k, spec[1],
+        core.raise(("config: %s: %s must be %s, got %s"):format(model_type, names[k] or k, spec[1],
               type(v) == "string" and ("'" .. v .. "'") or tostring(v)))
       end
     end
@@ -84,9 +93,12 @@ function M.config(model_type, overrides)
     error(("config: overrides must be a table, got %s"):format(type(overrides)), 2)
   end
   local o = strip_null(overrides or {})
-  -- HF attribute_map aliases (GPT-2's hidden_size -> n_embd, ...) are resolved before the defaults fill in.
+  -- HF attribute_map aliases (GPT-2's hidden_size -> n_embd, ...) are resolved before the defaults fill in; an
+  -- error about the value names the key it came under.
+  local names = {}
   for alias, key in pairs(spec.aliases or {}) do
     if o[alias] ~= nil then
+      if o[key] == nil then names[key] = alias end
       if o[key] ~= nil and o[key] ~= o[alias] then
         error(("config: %s: %s = %s contradicts %s = %s"):format(model_type, alias, tostring(o[alias]), key,
               tostring(o[key])), 2)
@@ -101,7 +113,7 @@ function M.config(model_type, overrides)
     error(("config: overrides say model_type '%s', expected '%s'"):format(tostring(overrides.model_type), model_type), 2)
   end
   cfg.model_type = model_type
-  validate(model_type, spec.schema, cfg)
+  validate(model_type, spec.schema, cfg, names)
   spec.normalize(cfg)
   return cfg
 end
@@ -111,6 +123,9 @@ function M.tiny_config(model_type, overrides)
   local spec = spec_of(model_type, "tiny_config")
   local o = {}
   for k, v in pairs(spec.tiny_config) do o[k] = v end
+  for alias, key in pairs(spec.aliases or {}) do   -- an override under either name replaces the tiny value
+    if overrides and (overrides[alias] ~= nil or overrides[key] ~= nil) then o[alias], o[key] = nil, nil end
+  end
   for k, v in pairs(overrides or {}) do o[k] = v end
   return M.config(model_type, o)
 end
