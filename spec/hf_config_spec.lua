@@ -90,7 +90,8 @@ describe("list-valued config keys", function()
     local a, b = tmpdir(), tmpdir()
     models.save_pretrained(models.build(models.tiny_config("qwen3_moe"), {seed = 1}), a)
     local text = slurp(a .. "/config.json")
-    text = text:gsub('\n  "model_type"', '\n  "custom_list": [ ],\n  "custom_obj": {},\n  "custom_nested": {"x": [], "y": "[]"},\n  "model_type"', 1)
+    local extra = '\n  "custom_list": [ ],\n  "custom_obj": {},\n  "custom_nested": {"x": [], "y": "[]"},'
+    text = text:gsub('\n  "model_type"', extra .. '\n  "model_type"', 1)
     spit(a .. "/config.json", text)
     local m = models.from_pretrained(a)
     assert.equal(0, #m.config.custom_list)
@@ -119,10 +120,11 @@ describe("tie_word_embeddings over a checkpoint with its own lm_head.weight (tra
   -- from_pretrained with io.stderr captured: the model and what it wrote there
   local function load_quiet(dir)
     local real, written = io.stderr, {}
-    io.stderr = {write = function(_, ...) for _, s in ipairs{...} do written[#written + 1] = s end end,
-                 flush = function() end}
+    local fake = {write = function(_, ...) for _, s in ipairs{...} do written[#written + 1] = s end end,
+                  flush = function() end}
+    io.stderr = fake  -- luacheck: ignore 122
     local ok, m = pcall(models.from_pretrained, dir)
-    io.stderr = real
+    io.stderr = real  -- luacheck: ignore 122
     assert(ok, m)
     return m, table.concat(written)
   end

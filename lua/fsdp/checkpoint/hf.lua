@@ -176,7 +176,8 @@ local FP_OPTS = {dtype = true, fsdp_plan = true, mesh = true}
 -- plan applied over mesh -> every parameter read from the checkpoint (single file or indexed). Sharded, each
 -- rank reads only its own rows of each tensor (a dim-0 shard is one contiguous byte range) into its f32 shards;
 -- no rank holds a full tensor. Missing, unexpected and mis-shaped tensors are reported together, before anything
--- is read. Sharded loading is collective over the mesh: every rank must call it.
+-- is read. A config that ties the head over files that store one is resolved as transformers does (resolve_tying).
+-- Sharded loading is collective over the mesh: every rank must call it.
 function M.from_pretrained(dir, opts)
   opts = core.check_opts("from_pretrained", opts, FP_OPTS, 2)
   if opts.mesh ~= nil and opts.fsdp_plan == nil then core.raise("from_pretrained: mesh needs fsdp_plan") end
