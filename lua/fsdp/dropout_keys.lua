@@ -1,10 +1,11 @@
 -- lua/fsdp/dropout_keys.lua: the seed and key of every dropout mask (nn.Dropout and the attention-probability
 -- dropout), so that a mask depends on the run alone: (run seed, rank, op counter). The seed is the run's
 -- (fsdp.init{seed =}), never a module's or a build's, so a model built on meta and sharded by apply_plan draws the
--- masks of the same model built on cpu and wrapped by fsdp.ddp. One process-wide counter advances at every forward call of any dropout, so steps
--- and layers draw different masks; the rank is part of the key, so data-parallel ranks draw different masks; and the
--- same seed, rank and sequence of calls give the same masks. Activation checkpointing (fsdp.autograd) saves the
--- counter when a block first runs and replays it in the recompute, so the recompute draws the forward's masks.
+-- masks of the same model built on cpu and wrapped by fsdp.ddp. One process-wide counter advances at every forward
+-- call of any dropout, so steps and layers draw different masks; the rank is part of the key, so data-parallel
+-- ranks draw different masks; and the same seed, rank and sequence of calls give the same masks. Activation
+-- checkpointing (fsdp.autograd) saves the counter when a block first runs and replays it in the recompute, so the
+-- recompute draws the forward's masks.
 local core = require "fsdp.core"
 
 local C = core.C

@@ -21,4 +21,5 @@ local v = fsdp.zeros({1, T, 1, T})
 for j = 0, T - 1 do v:set(j * T + j, 1) end
 local key = keys.next()
 local o = fsdp.F.attention_dropout(fsdp.zeros({1, T, 1, T}), fsdp.zeros({1, T, 1, T}), v, 0.5, 0, 0.5, keys.seed(), key)
-D.write(arg[1], fsdp.rank(), {seed = keys.seed(), dropout = pattern(y), attention = pattern(o), attention_key = key, calls = keys.counter()})
+D.write(arg[1], fsdp.rank(), {seed = keys.seed(), dropout = pattern(y), attention = pattern(o), attention_key = key,
+                              calls = keys.counter()})
