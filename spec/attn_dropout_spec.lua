@@ -75,7 +75,7 @@ end
 -- keep factors `keep` [B, H, T, T] (0 or 1/(1-p)) multiplied in, then P V. (ops_fixture_spec's reference plus
 -- the dropout.)
 local function reference(q, k, v, scale, window, keep)
-  local B, T, H = q:size(1), q:size(2), q:size(3)
+  local T, H = q:size(2), q:size(3)
   local KV = k:size(3)
   local rep = {}
   for h = 0, H - 1 do rep[#rep + 1] = math.floor(h / (H / KV)) end
