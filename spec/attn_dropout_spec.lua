@@ -75,7 +75,7 @@ end
 -- keep factors `keep` [B, H, T, T] (0 or 1/(1-p)) multiplied in, then P V. (ops_fixture_spec's reference plus
 -- the dropout.)
 local function reference(q, k, v, scale, window, keep)
-  local B, T, H = q:size(1), q:size(2), q:size(3)
+  local T, H = q:size(2), q:size(3)
   local KV = k:size(3)
   local rep = {}
   for h = 0, H - 1 do rep[#rep + 1] = math.floor(h / (H / KV)) end
@@ -363,7 +363,8 @@ describe("dropout keys", function()
     assert.equal(1, keys.next())
     assert.equal(2, keys.next())
     assert.equal(2, keys.counter())
-    local d = fsdp.nn.Dropout.new(0.5, {seed = 3})
+    assert.equal(0, keys.seed())                     -- this process has no run seed (fsdp.init{seed =})
+    local d = fsdp.nn.Dropout.new(0.5)
     local x = fsdp.ones({256})
     keys.set_counter(10)
     local a, b = mask_of(d(x)), mask_of(d(x))
@@ -371,7 +372,7 @@ describe("dropout keys", function()
     assert.are_not.equal(a, b)                       -- two calls (steps, layers): two masks
     keys.set_counter(10)
     assert.equal(a, mask_of(d(x)))                   -- the same sequence of calls: the same masks
-    assert.equal(a, mask_of(F.dropout(x, 0.5, 3, 11)))  -- call 11 of rank 0 is key 11
+    assert.equal(a, mask_of(F.dropout(x, 0.5, 0, 11)))  -- call 11 of rank 0 is key 11, with seed 0
     d:eval()
     assert.is_true(d(x) == x)
     assert.equal(11, keys.counter())                 -- eval draws no key
@@ -388,6 +389,7 @@ describe("dropout keys", function()
     for rank = 0, 1 do
       local x = r[rank + 1]
       assert.equal(2, x.calls)
+      assert.equal(3, x.seed)   -- fsdp.init{seed = 3}
       assert.equal(rank * TWO32 + 2, x.attention_key)
       -- the rank's masks are what one process draws with that rank's keys
       assert.equal(mask_of(F.dropout(fsdp.ones({512}), 0.5, 3, rank * TWO32 + 1)), x.dropout)

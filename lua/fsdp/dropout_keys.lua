@@ -1,9 +1,11 @@
--- lua/fsdp/dropout_keys.lua: the keys of every dropout mask (nn.Dropout and the attention-probability dropout), so
--- that a mask depends on (seed, rank, op counter). The seed is the module's and goes to the engine beside the key;
--- this file only makes the key. One process-wide counter advances at every forward call of any dropout, so steps
--- and layers draw different masks; the rank is part of the key, so data-parallel ranks draw different masks; and the
--- same seed, rank and sequence of calls give the same masks. Activation checkpointing (fsdp.autograd) saves the
--- counter when a block first runs and replays it in the recompute, so the recompute draws the forward's masks.
+-- lua/fsdp/dropout_keys.lua: the seed and key of every dropout mask (nn.Dropout and the attention-probability
+-- dropout), so that a mask depends on the run alone: (run seed, rank, op counter). The seed is the run's
+-- (fsdp.init{seed =}), never a module's or a build's, so a model built on meta and sharded by apply_plan draws the
+-- masks of the same model built on cpu and wrapped by fsdp.ddp. One process-wide counter advances at every forward
+-- call of any dropout, so steps and layers draw different masks; the rank is part of the key, so data-parallel
+-- ranks draw different masks; and the same seed, rank and sequence of calls give the same masks. Activation
+-- checkpointing (fsdp.autograd) saves the counter when a block first runs and replays it in the recompute, so the
+-- recompute draws the forward's masks.
 local core = require "fsdp.core"
 
 local C = core.C
@@ -19,6 +21,14 @@ local counter = 0
 local function rank()
   if not C.fl_dist_is_initialized() then return 0 end
   return C.fl_comm_rank(C.fl_comm_world())
+end
+
+-- seed(): the seed of every mask: the run's (fsdp.dist.seed()), 0 when the run has none. Read at each call, so
+-- fsdp.init{seed =} (or a checkpoint load that restores the run's seed) applies to the next mask.
+local dist
+function M.seed()
+  dist = dist or require "fsdp.dist"   -- at the first mask: loading a layer does not load fsdp.dist
+  return dist.seed() or 0
 end
 
 -- next(): the key of a new mask; advances the counter.

@@ -41,8 +41,6 @@ local STATE_TENSORS = {"exp_avg", "exp_avg_sq", "momentum_buffer"}
 local STATE_BIT = {}
 for i, n in ipairs(STATE_TENSORS) do STATE_BIT[n] = 2 ^ (i - 1) end
 local HAS_STATE = 2 ^ #STATE_TENSORS   -- the bit above them: a state exists (SGD without momentum has only a step)
--- Module fields that seed random streams (nn.Dropout's seed, the attention-probability dropout's).
-local SEED_FIELDS = {"seed", "dropout_seed"}
 local ELEM = {f32 = 4, f64 = 8, bf16 = 2, f16 = 2}
 
 pcall(ffi.cdef, "int kill(int pid, int sig);")
@@ -253,17 +251,6 @@ local function state_names(mask)
   return out
 end
 
-local function module_seeds(model)
-  local out = {}
-  for name, m in model:named_modules() do
-    for _, f in ipairs(SEED_FIELDS) do
-      local v = rawget(m, f)
-      if type(v) == "number" then out[name == "" and f or (name .. "." .. f)] = v end
-    end
-  end
-  return out
-end
-
 -- What the FSDP plan made (units and their parameters), or the DDP group, for metadata.json.
 local function plan_of(model, mode)
   if mode == "fsdp" then
@@ -445,9 +432,9 @@ end
 -- `model` (plain, DDP or sharded by any plan, HSDP included) and, when given, the optimizer (AdamW, SGD), the step
 -- (an integer), the data loader's position (fsdp.data loader), the LR schedule (an object with state_dict(), such
 -- as optim.cosine_schedule, or a JSON-able table) and `extra` (JSON-able values of the caller's). The random
--- streams are always saved: the dropout key counter (fsdp.dropout_keys), the run's seed (fsdp.dist.seed()) and
--- every module's dropout seed. Collective over the world when the job has several ranks: every rank calls it with
--- the same model. The directory is published atomically (publish.lua): a save killed at any point leaves the
+-- streams are always saved: the dropout key counter (fsdp.dropout_keys) and the run's seed (fsdp.dist.seed()),
+-- which key every dropout mask. Collective over the world when the job has several ranks: every rank calls it
+-- with the same model. The directory is published atomically (publish.lua): a save killed at any point leaves the
 -- previous checkpoint intact. async = true copies this rank's pieces into host memory, starts a background writer
 -- and returns; the next save, load or wait() (or the end of the script) waits for it and publishes.
 function M.save(dir, opts)
@@ -533,7 +520,7 @@ function M.save(dir, opts)
             files = files, tensors = tensors, step = step, schedule = sched, loader = prep.loader, extra = opts.extra,
             model = {model_type = type(model.config) == "table" and model.config.model_type or nil,
                      parameters = #entries},
-            rng = {seed = dist().seed(), dropout_counter = counters, module_seeds = module_seeds(model)}}
+            rng = {seed = dist().seed(), dropout_counter = counters}}
     if opts.optimizer then
       local o = opts.optimizer
       local groups = {}
@@ -855,18 +842,24 @@ local function load_local(dir, opts)
     end
     keys.set_counter(c)
   end
-  local mods = {}
-  for name, m in model:named_modules() do mods[name] = m end
-  for key, v in pairs(type(rng.module_seeds) == "table" and rng.module_seeds or {}) do
-    local mname, field = key:match("^(.*)%.([%w_]+)$")
-    if not mname then mname, field = "", key end
-    local m = mods[mname]
-    if not m or type(rawget(m, field)) ~= "number" then
-      core.raise(("%s: the checkpoint seeds '%s', which the model does not have"):format(where, key))
-    end
-    rawset(m, field, v)
-  end
   local seed = dist().seed()
+  -- Checkpoints from when each module seeded its own masks list those seeds (module_seeds); the masks are now
+  -- keyed by the run's seed, so such a checkpoint resumes exactly only where every module seed is that seed.
+  local old = type(rng.module_seeds) == "table" and rng.module_seeds or {}
+  local mask_seed, names = seed or rng.seed or 0, {}
+  for key in pairs(old) do names[#names + 1] = key end
+  table.sort(names)
+  local uniform = true
+  for _, key in ipairs(names) do uniform = uniform and old[key] == old[names[1]] end
+  for _, key in ipairs(names) do
+    if old[key] ~= mask_seed then
+      local hint = (uniform and seed == nil and rng.seed == nil)
+        and ("; fsdp.init{seed = %s} before loading draws the masks it drew"):format(tostring(old[key])) or ""
+      core.raise(("%s: the checkpoint's dropout masks were keyed by module seeds ('%s' = %s), this version keys "
+                  .. "them by the run's seed (%d here): resuming would draw other masks%s")
+                 :format(where, key, tostring(old[key]), mask_seed, hint))
+    end
+  end
   if rng.seed ~= nil and seed ~= nil and seed ~= rng.seed then
     core.raise(("%s: this run's seed (fsdp.init{seed = %d}) is not the checkpoint's (%d)"):format(where, seed, rng.seed))
   end
@@ -892,7 +885,7 @@ end
 -- way this run wants: any plan, world size or mode) — each rank reads only the element ranges it now holds, from
 -- the saved ranks' files — and, when given, the optimizer state (matched by parameter name, hyper-parameters from
 -- the saved param groups), the loader's position (in global samples) and the schedule. Restores the random
--- streams: the dropout key counter, the modules' dropout seeds and the run's seed (fsdp.init{seed =} when the run
+-- streams: the dropout key counter and the run's seed (fsdp.init{seed =} when the run
 -- has none; a different one is an error). Collective over the world when the job has several ranks; an error on
 -- any rank (a missing or damaged rank file, a tensor of another shape, another architecture) raises on every rank
 -- naming the file, tensor and rank.

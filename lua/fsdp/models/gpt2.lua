@@ -107,7 +107,7 @@ function Base.new(cfg, o)
   local eo = {std = std, device = o.device, dtype = o.dtype}
   self:register_module("wte", Embedding.new(cfg.vocab_size, H, eo))
   self:register_module("wpe", Embedding.new(cfg.n_positions, H, eo))
-  self:register_module("drop", Dropout.new(cfg.embd_pdrop, {seed = o.seed}))
+  self:register_module("drop", Dropout.new(cfg.embd_pdrop))
   local h = ModuleList.new()
   for i = 0, cfg.n_layer - 1 do h:append(Block.new(cfg, i, o)) end
   self:register_module("h", h)

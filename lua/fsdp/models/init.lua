@@ -136,6 +136,7 @@ local BUILD_OPTS = {device = true, seed = true, dtype = true}
 -- nothing); on cpu every parameter is then materialised with the counter-based RNG keyed by its HF name.
 function M.build(cfg, opts)
   opts = core.check_opts("build", opts, BUILD_OPTS, 2)
+  require("fsdp.nn.module").check_seed(opts.seed, "build")
   if type(cfg) ~= "table" or not cfg.model_type then error("build: cfg must be a table from fsdp.models.config", 2) end
   local spec = spec_of(cfg.model_type, "build")
   validate(cfg.model_type, spec.schema, cfg)   -- again: the table may have been edited since config()

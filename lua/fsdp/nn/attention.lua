@@ -36,7 +36,6 @@ function Attention.new(hidden, opts)
   if type(self.dropout) ~= "number" or not (self.dropout >= 0 and self.dropout < 1) then
     error(("Attention: dropout (attention_dropout) must be a number in [0, 1), got %s"):format(tostring(opts.dropout)), 2)
   end
-  self.dropout_seed = opts.seed or 0
   self.scale = 1 / math.sqrt(hd)
   local bias = opts.bias and true or false
   local o_bias = bias
@@ -106,7 +105,7 @@ function Attention:forward(x, pos, cache)
   local qr = ops.rope(qh, pos, self.rope_theta, self.rotary_dim); qh:free()
   local kr = ops.rope(kh, pos, self.rope_theta, self.rotary_dim); kh:free()
   local p = self.training and self.dropout or 0
-  local o = ops.attention(qr, kr, vh, self.scale, self.window, p, self.dropout_seed, p > 0 and keys.next() or 0)
+  local o = ops.attention(qr, kr, vh, self.scale, self.window, p, keys.seed(), p > 0 and keys.next() or 0)
   qr:free(); kr:free(); vh:free()
   local merged = basic.view(o, {B, T, nh * hd}); o:free()
   local out = self.o_proj(merged)

@@ -1,7 +1,7 @@
 -- lua/fsdp/nn/gpt2_attention.lua: GPT-2 causal self-attention: fused c_attn (Conv1D [H, 3H], columns Q | K | V,
 -- head h at columns h*hd..) and c_proj (Conv1D [H, H]). q, k and v are strided views of c_attn's output, passed
 -- straight to the fused attention op: no copies. attn_pdrop drops attention probabilities inside that op in
--- training mode (the attn_dropout module holds p and the seed, as Hugging Face's holds nn.Dropout).
+-- training mode (the attn_dropout module holds p, as Hugging Face's holds nn.Dropout; masks: fsdp.dropout_keys).
 local core    = require "fsdp.core"
 local Module  = require "fsdp.nn.module"
 local Conv1D  = require "fsdp.nn.conv1d"
@@ -28,8 +28,8 @@ function GPT2Attention.new(hidden, opts)
   self:register_module("c_attn", Conv1D.new(hidden, 3 * hidden, lopts))
   lopts.std = opts.proj_std or opts.std
   self:register_module("c_proj", Conv1D.new(hidden, hidden, lopts))
-  self:register_module("attn_dropout", Dropout.new(opts.attn_pdrop or 0, {seed = opts.seed}))
-  self:register_module("resid_dropout", Dropout.new(opts.resid_pdrop or 0, {seed = opts.seed}))
+  self:register_module("attn_dropout", Dropout.new(opts.attn_pdrop or 0))
+  self:register_module("resid_dropout", Dropout.new(opts.resid_pdrop or 0))
   local scale = 1
   if opts.scale_attn_weights ~= false then scale = 1 / math.sqrt(self.head_dim) end
   if opts.scale_attn_by_inverse_layer_idx then scale = scale / ((opts.layer_idx or 0) + 1) end
@@ -53,7 +53,7 @@ function GPT2Attention:forward(x, cache)
   local p = drop.training and drop.p or 0
   local o
   if cache then o = cache:attend(self, q, k, v, self.scale, 0)
-  else o = ops.attention(q, k, v, self.scale, 0, p, drop.seed, p > 0 and keys.next() or 0) end  -- [B, T, nH, hd]
+  else o = ops.attention(q, k, v, self.scale, 0, p, keys.seed(), p > 0 and keys.next() or 0) end  -- [B, T, nH, hd]
   q:free(); k:free(); v:free()
   local merged = basic.view(o, {B, T, nh * hd})
   o:free()

@@ -22,7 +22,7 @@ function GPT2MLP.new(hidden, inner, opts)
   self:register_module("c_fc", Conv1D.new(hidden, inner, lo))
   lo.std = opts.proj_std or opts.std
   self:register_module("c_proj", Conv1D.new(inner, hidden, lo))
-  self:register_module("dropout", Dropout.new(opts.resid_pdrop or 0, {seed = opts.seed}))
+  self:register_module("dropout", Dropout.new(opts.resid_pdrop or 0))
   return self
 end
 

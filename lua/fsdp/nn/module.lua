@@ -211,6 +211,15 @@ function Module:parameter_init(name)
   error(("parameter_init: no parameter '%s'"):format(tostring(name)), 2)
 end
 
+-- check_seed(seed, what): the seed of init_values is nil (0) or an integer in [0, 2^53) — exact in a double, as
+-- fsdp.init's run seed; a string or 1.5 would otherwise be converted (or refused) by the FFI mid-initialisation.
+function Module.check_seed(seed, what)
+  if seed ~= nil and (type(seed) ~= "number" or seed ~= math.floor(seed) or not (seed >= 0 and seed < 2 ^ 53)) then
+    core.raise(("%s: seed must be an integer in [0, 2^53), got %s"):format(what, type(seed) == "string"
+               and ("'" .. seed .. "'") or tostring(seed)))
+  end
+end
+
 -- Fills `t` per `init`, as element elem_offset.. of the full parameter `name` (FSDP initialises shards this way).
 function Module.init_values(t, init, seed, name, elem_offset)
   local kind, p = init[1], Tensor.ptr(t, "init_values")
@@ -239,6 +248,7 @@ local MATERIALIZE_OPTS = {seed = true}
 -- the same seed gives the same model whatever else was built before. Parameters with data are left alone.
 function Module:materialize(opts)
   opts = core.check_opts("materialize", opts, MATERIALIZE_OPTS, 2)
+  Module.check_seed(opts.seed, "materialize")   -- before the first parameter is allocated
   local seed = opts.seed or 0
   for _, e in ipairs(self:full_parameter_list()) do
     local name, t, m, pn = e[1], e[2], e[3], e[4]

@@ -145,6 +145,22 @@ end
 local APPLY_OPTS = {mesh = true, seed = true, mixed_precision = true, cpu_offload = true, reshard_after_forward = true,
                     init = true}
 
+-- The mesh option of apply_plan and fully_shard: nil (the world) or a data-parallel mesh (see comms_of), named
+-- in the error. Joins the ranks (dist.init) as the sharding would; changes no module.
+local function check_mesh(mesh, what)
+  if mesh ~= nil and getmetatable(mesh) ~= dist().Mesh then
+    core.raise(("%s: mesh must be a mesh from fsdp.mesh, got %s"):format(what, type(mesh)))
+  end
+  local ok, err = pcall(comms_of, mesh)
+  if not ok then core.raise(("%s: mesh: %s"):format(what, tostring(err):gsub("^mesh_comms: ", ""))) end
+end
+
+local function check_boolean(v, what, key)
+  if v ~= nil and type(v) ~= "boolean" then
+    core.raise(("%s: %s must be a boolean, got %s"):format(what, key, type(v)))
+  end
+end
+
 -- Every rank must shard the same units the same way, or the units' collectives would pair different tensors:
 -- all-gathers (count, elements, a hash of names and shapes) over the shard group and names the first rank
 -- that differs, before anything is sharded.
@@ -184,6 +200,10 @@ end
 function M.apply_plan(model, plan, opts)
   opts = core.check_opts("apply_plan", opts, APPLY_OPTS, 2)
   if rawget(model, "_fsdp_group") then core.raise("apply_plan: the model is already sharded") end
+  -- every option before any change: the policies in resolve, the rest here
+  Module.check_seed(opts.seed, "apply_plan")
+  check_boolean(opts.init, "apply_plan", "init")
+  check_mesh(opts.mesh, "apply_plan")
   local units = require("fsdp.parallel.plan").resolve(model, plan, {mixed_precision = opts.mixed_precision,
     cpu_offload = opts.cpu_offload, reshard_after_forward = opts.reshard_after_forward})
   local params, mods = param_entries(model), modules_by_name(model)
@@ -234,12 +254,18 @@ function M.fully_shard(target, opts)
   local list = (getmetatable(target) ~= nil and rawget(target, "_params")) and {target} or target
   if type(list) ~= "table" or #list == 0 then core.raise("fully_shard: expected a module or a list of modules") end
   local mp = require("fsdp.parallel.plan").mixed_precision(opts.mp_policy, "fully_shard")
+  check_boolean(opts.reshard_after_forward, "fully_shard", "reshard_after_forward")
+  local given = opts.group
+  if given ~= nil and not (type(given) == "table" and given.ptr ~= nil and type(given.units) == "table") then
+    core.raise(("fully_shard: group must be a sharded model's unit group (fsdp.parallel.group(model)), got %s")
+               :format(type(given)))
+  end
   for _, m in ipairs(list) do
     if rawget(m, "_fsdp_unit") then
       core.raise(("fully_shard %s: module already belongs to unit %s"):format(m.__name or "module", m._fsdp_unit.name))
     end
   end
-  comms_of(opts.mesh)   -- a bad mesh fails here, before any group is merged
+  check_mesh(opts.mesh, "fully_shard")   -- before any group is merged
   local plist, claimed = {}, {}
   for _, m in ipairs(list) do
     for _, e in ipairs(m:full_parameter_list()) do
