@@ -39,7 +39,14 @@ function Cache:advance(pos, new_valid)
   end
   if self.pos then self.pos:free() end
   self.pos, self.T = pos, T
+  local pp, m = ffi.cast("const int64_t *", pos:data_ptr()), -1
+  for i = 0, B * T - 1 do if tonumber(pp[i]) > m then m = tonumber(pp[i]) end end
+  self.max_pos = m
 end
+
+-- The largest position id of the tokens this forward adds (over all rows: transformers' seq_len - 1 for the
+-- rope types that depend on it).
+function Cache:max_position() return self.max_pos end
 
 -- After the forward: the new tokens are cached.
 function Cache:commit() self.len = self.len + self.T end
@@ -51,14 +58,23 @@ local function row_positions(pos, b)
   return v
 end
 
--- RoPE of x [B, T, heads, hd] at each row's own positions.
-function Cache:rope(x, theta, rot)
-  if self.B == 1 then return ops.rope(x, row_positions(self.pos, 0), theta, rot) end
+-- RoPE of x [B, T, heads, hd] at each row's own positions: theta's frequencies, or the table inv_freq with the
+-- attention scaling (scaled RoPE, one table for the batch as transformers').
+function Cache:rope(x, theta, rot, inv_freq, scale)
+  local function rotate(xb, p)
+    if inv_freq then return ops.rope_freqs(xb, p, inv_freq, scale) end
+    return ops.rope(xb, p, theta, rot)
+  end
+  if self.B == 1 then
+    local p = row_positions(self.pos, 0)
+    local out = rotate(x, p); p:free()
+    return out
+  end
   local rows = {}
   for b = 0, self.B - 1 do
     local xb = basic.narrow(x, 1, b + 1, 1)
     local p = row_positions(self.pos, b)
-    rows[b + 1] = ops.rope(xb, p, theta, rot)
+    rows[b + 1] = rotate(xb, p)
     xb:free(); p:free()
   end
   local out = basic.cat(rows, 1)
