@@ -103,6 +103,14 @@ function Cache:attend(owner, q, k, v, scale, window)
   return out
 end
 
+-- Forgets every cached token (the cache is then refilled from position 0).
+function Cache:reset()
+  for _, slot in pairs(self.kv) do slot.k:free(); slot.v:free() end
+  self.kv = {}
+  ffi.fill(ffi.cast("uint8_t *", self.valid:data_ptr()), self.B * self.capacity, 0)
+  self.len = 0
+end
+
 function Cache:free()
   for _, slot in pairs(self.kv) do slot.k:free(); slot.v:free() end
   self.kv = {}
@@ -208,7 +216,8 @@ function M.generate(model, ids, opts)
   local pad = opts.pad_token_id
   if pad == nil then pad = cfg.pad_token_id end
   if pad == nil then pad = first_eos end
-  local limit = cfg.n_positions or cfg.max_position_embeddings
+  -- learned positions (GPT-2) end at n_positions; RoPE models run past max_position_embeddings, as transformers'
+  local limit = cfg.n_positions
   if limit and T0 + n > limit then
     core.raise(("generate: %d prompt + %d new tokens exceed the model's %d positions"):format(T0, n, limit))
   end
@@ -238,6 +247,7 @@ function M.generate(model, ids, opts)
   ids64:free()
 
   local cache = Cache.new(B, T0 + n)
+  local reset_at = rawget(model, "cache_reset_at")   -- a length past which the cache is recomputed once (Phi-3)
   local count = {}    -- real tokens so far per row: the next position id
   local done = {}
   for b = 0, B - 1 do count[b] = 0; done[b] = false end
@@ -298,8 +308,20 @@ function M.generate(model, ids, opts)
         local all_done = true
         for b = 0, B - 1 do if not done[b] then all_done = false end end
         if all_done or step == n then nxt:free(); break end
-        input = nxt
-        positions(1, function() return true end)
+        local W = T0 + step
+        if reset_at and W >= reset_at + 1 and cache.len <= reset_at then
+          -- transformers' Phi-3: the first forward past original_max_position_embeddings drops the cache and
+          -- recomputes the whole sequence, whose keys then all rotate with the long factors
+          nxt:free()
+          cache:reset()
+          for b = 0, B - 1 do count[b] = 0 end
+          local head = basic.narrow(out, 2, 1, W)
+          input = basic.contiguous(head); head:free()
+          positions(W, function(b, t) return t >= T0 or pm[b * T0 + t] ~= 0 end)
+        else
+          input = nxt
+          positions(1, function() return true end)
+        end
       end
     end)
   end)

@@ -9,6 +9,8 @@
 --   traits.resid_dropout(cfg)     dropout on both branch outputs before the residual add (Phi-3), or nil
 --   traits.ffn(cfg, i, o)         the feed-forward of layer i other than the gated MLP: returns its name and module
 --                                 (an MoE block), or nil for the gated MLP under "mlp"
+--   traits.cache_reset_at(cfg)    a length L: generate recomputes its cache once, at the first forward of more than L
+--                                 tokens (transformers' Phi-3 prepare_inputs_for_generation, for longrope)
 --   traits.class_names            transformers' names of the shared nn classes where they are not <prefix>Attention,
 --                                 <prefix>MLP (GatedMLP and MoE experts), <prefix>RMSNorm, <prefix>SparseMoeBlock
 --   traits.moe(cfg)               {num_experts =, top_k =, coef =} when the model routes: forward then collects
@@ -313,6 +315,7 @@ function M.make(traits)
   local function build(cfg, o)
     local self = Module.init(setmetatable({}, LM))
     rawset(self, "_class_names", class_names)
+    if traits.cache_reset_at then rawset(self, "cache_reset_at", traits.cache_reset_at(cfg)) end
     self:register_module("model", Base.new(cfg, o))
     self:register_module("lm_head", Linear.new(cfg.hidden_size, cfg.vocab_size,
       {bias = false, std = cfg.initializer_range, device = o.device, dtype = o.dtype}))

@@ -61,6 +61,7 @@ M.build, M.classes = decoder.make{
   attention = function(cfg) return {bias = false, window = cfg.sliding_window or 0, fused_qkv = true} end,
   mlp = function() return {bias = false, fused = true} end,
   resid_dropout = function(cfg) return cfg.resid_pdrop end,
+  cache_reset_at = function(cfg) return cfg.original_max_position_embeddings end,
 }
 
 return M
