@@ -67,24 +67,45 @@ for _, name in ipairs(CASES) do
       assert.is_true(e < TOL, "logits after a longer forward " .. e)
     end)
 
-    it("generates transformers' greedy tokens with the KV cache", function()
-      local m = models.from_pretrained(dir)
+    -- generate with each step's logits and input width recorded by a forward hook on the model
+    local function generate(m)
+      local steps, widths = {}, {}
+      m:register_forward_hook(function(_, args, out)
+        widths[#widths + 1] = args[1]:size(2)
+        steps[#steps + 1] = out.logits:contiguous()
+      end)
       local got = m:generate(prefix(ex.input_ids, 12), {max_new_tokens = 20, eos_token_id = {}})
+      return got, steps, widths
+    end
+
+    it("generates transformers' tokens and step logits with the KV cache", function()
+      local got, steps, widths = generate(models.from_pretrained(dir))
       assert.same(flat(ex.gen_tokens), flat(got))
+      local V = ex.gen_logits:size(2)
+      for i, lg in ipairs(steps) do
+        local want = ex.gen_logits:narrow(1, i, 1):contiguous()
+        local e = rel_err(lg:view({1, V}), want)
+        assert.is_true(e < TOL, ("step %d logits %g"):format(i, e))
+      end
+      -- Phi-3 recomputes the whole sequence once, at its first forward past original_max_position_embeddings
+      -- (16): transformers' Phi3ForCausalLM.prepare_inputs_for_generation
+      local want_widths = {12}
+      for i = 2, 20 do want_widths[i] = (name:find("phi3") and i == 6) and 17 or 1 end
+      assert.same(want_widths, widths)
     end)
 
     if not name:find("dynamic") then
       -- dynamic differs by design: with a cache transformers rotates each new token with the frequencies of its
       -- own length while the cached keys keep theirs; a recompute rotates everything with the final length's
-      it("generates with the KV cache what recomputing every step without a cache picks", function()
-        local m = models.from_pretrained(dir)
-        local got = m:generate(prefix(ex.input_ids, 12), {max_new_tokens = 20, eos_token_id = {}})
-        local toks = flat(got)
+      it("gives with the KV cache the logits of recomputing every step without a cache", function()
+        local got, steps = generate(models.from_pretrained(dir))
         local fresh = models.from_pretrained(dir)
-        for n = 12, 31 do
-          local ids = prefix(got, n)
-          local lg = fresh(ids, {logits = true}).logits
-          assert.equal(toks[n + 1], argmax_last(lg), "token " .. n)
+        for i, lg in ipairs(steps) do
+          local ids = prefix(got, 11 + i)
+          local all = fresh(ids, {logits = true}).logits
+          local last = all:narrow(2, 11 + i, 1):contiguous()
+          local e = rel_err(lg, last)
+          assert.is_true(e < TOL, ("step %d: cached vs recomputed logits %g"):format(i, e))
         end
       end)
     end

@@ -17,6 +17,7 @@ Each case gets DIR/<name>/ (default DIR: spec/fixtures/rope) holding
                                                     the frequencies of the longest length it has seen
                        gen_tokens   i64 [1, 32]     greedy generate (transformers' KV cache) of 20 tokens after the
                                                     first 12, no eos
+                       gen_logits   f32 [20, V]     the logits of each of its steps (output_logits)
 CPU, one thread, fixed seeds: the same bytes on every run.
 """
 import argparse
@@ -103,11 +104,14 @@ def make_case(out_root, name, model_type, arch, keys):
         m(input_ids=ids)
         after = m(input_ids=ids[:, :T_AFTER]).logits
         g = load(d)
-        gen = g.generate(ids[:, :T_SHORT], max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
-                         eos_token_id=None, pad_token_id=0, attention_mask=torch.ones(1, T_SHORT, dtype=torch.int64))
-    assert gen.shape == (1, T_SHORT + NEW), gen.shape
+        res = g.generate(ids[:, :T_SHORT], max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
+                         eos_token_id=None, pad_token_id=0, attention_mask=torch.ones(1, T_SHORT, dtype=torch.int64),
+                         output_logits=True, return_dict_in_generate=True)
+    gen, gen_logits = res.sequences, torch.cat(res.logits, 0)
+    assert gen.shape == (1, T_SHORT + NEW) and gen_logits.shape == (NEW, BASE["vocab_size"]), gen.shape
     save_file({"input_ids": ids, "logits": logits.contiguous(), "logits_short": short.contiguous(),
-               "logits_after": after.contiguous(), "gen_tokens": gen.contiguous()},
+               "logits_after": after.contiguous(), "gen_tokens": gen.contiguous(),
+               "gen_logits": gen_logits.contiguous()},
               os.path.join(d, "expected.safetensors"), metadata={"format": "pt"})
     print(f"{name}: rope {g.config.rope_parameters}")
 
