@@ -28,13 +28,6 @@ local function prefix(ids, n)
   return c
 end
 
-local function argmax_last(logits)
-  local t, V = logits:totable(), logits:size(3)
-  local base, best = #t - V, 0
-  for i = 1, V - 1 do if t[base + i + 1] > t[base + best + 1] then best = i end end
-  return best
-end
-
 local function flat(t)
   local out = {}
   for i, v in ipairs(t:totable()) do out[i] = v end

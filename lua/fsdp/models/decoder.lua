@@ -121,7 +121,7 @@ function M.normalize_rope(cfg, default_theta, types)
     for _, k in ipairs {"short_factor", "long_factor"} do
       local list = rp[k]
       local ok = type(list) == "table" and #list == n
-      for i = 1, ok and n or 0 do if type(list[i]) ~= "number" or not (list[i] > 0) then ok = false end end
+      for i = 1, ok and n or 0 do if type(list[i]) ~= "number" or list[i] <= 0 then ok = false end end
       if not ok then
         core.raise(("config: %s: longrope %s must list %d positive numbers (rotary dim / 2), got %s"):format(mt, k, n,
                    type(list) == "table" and (#list .. " entries") or tostring(list)))

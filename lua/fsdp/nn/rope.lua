@@ -124,7 +124,7 @@ function Rope:compute(seq_len)
     for i = 1, #inv do
       local wave = f32(f32(2 * math.pi) / inv[i])
       local scaled = wave > lo_wave and f32(inv[i] / f32(factor)) or inv[i]
-      if not (wave < hi_wave) and not (wave > lo_wave) then
+      if wave >= hi_wave and wave <= lo_wave then
         local smooth = f32(f32(f32(f32(old) / wave) - f32(lo)) / f32(hi - lo))
         scaled = f32(f32(f32(f32(1 - smooth) * scaled) / f32(factor)) + f32(smooth * scaled))
       end
