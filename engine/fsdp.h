@@ -263,6 +263,9 @@ fl_tensor *fl_embedding_padded(const fl_tensor *weight, const fl_tensor *ids, in
 /* RoPE, first-half/second-half convention (GPT-NeoX / HF rotate_half). x is [B, T, heads, hd] (any strides
  * with the last dim contiguous); pos [T] i64 or NULL for 0..T-1; rotates the first rot_dim channels. */
 fl_tensor *fl_rope(const fl_tensor *x, const fl_tensor *pos, double theta, int32_t rot_dim);
+/* Scaled RoPE (HF rope_type linear, dynamic, yarn, llama3, longrope): inv_freq an f32 [rot_dim/2] table of the
+ * frequencies, cos and sin multiplied by scale (HF's attention_scaling) before they meet x; rot_dim = 2 * its length. */
+fl_tensor *fl_rope_freqs(const fl_tensor *x, const fl_tensor *pos, const fl_tensor *inv_freq, double scale);
 /* Causal scaled-dot-product attention with GQA. q [B, T, nH, hd], k and v [B, T, nKV, hd] (strided views
  * allowed, last dim contiguous), nH a multiple of nKV (query head h uses kv head h / (nH/nKV)).
  * window > 0 limits keys to i - window < j <= i. Returns [B, T, nH, hd] contiguous. */

@@ -199,9 +199,10 @@ describe("models", function()
     assert.equal(10000, models.config("llama").rope_parameters.rope_theta)
     assert.equal(128, models.config("llama").head_dim)
     assert.equal(32, models.config("llama").num_key_value_heads)
-    assert.matches("rope_type 'llama3' is not supported",
+    assert.matches("rope_type 'llama3' needs rope parameter '%a+_freq_factor'",
       err_of(models.config, "llama", {rope_scaling = {rope_type = "llama3", factor = 8}}))
-    assert.matches("rope_type 'yarn' is not supported", err_of(models.config, "llama", {rope_parameters = {type = "yarn"}}))
+    assert.matches("rope_type 'yarn' needs rope parameter 'factor'", err_of(models.config, "llama", {rope_parameters = {type = "yarn"}}))
+    assert.matches("rope_type 'su' is not supported", err_of(models.config, "llama", {rope_parameters = {type = "su"}}))
     assert.matches("unsupported hidden_act 'quick_gelu'", err_of(models.config, "llama", {hidden_act = "quick_gelu"}))
     assert.matches("unsupported activation_function 'gelu_fast'", err_of(models.config, "gpt2", {activation_function = "gelu_fast"}))
     assert.matches("not a multiple of num_key_value_heads", err_of(models.config, "llama", {num_key_value_heads = 5}))

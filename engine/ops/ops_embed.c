@@ -107,17 +107,19 @@ done:
 
 /* ---- RoPE ---- */
 
-/* cos/sin [T, rot/2] in f32 as Hugging Face: inv_freq = 1 / theta^((2i)/rot) in f32, freq = pos * inv_freq
- * in f32 (a k = 1 matmul), then cos/sin of the f32 angle. */
-static int rope_tables(const fl_tensor *pos, int64_t t, double theta, int64_t rot, float *cs, float *sn) {
+/* cos/sin [T, rot/2] in f32 as Hugging Face: inv_freq = 1 / theta^((2i)/rot) in f32 (or the given table: scaled
+ * RoPE), freq = pos * inv_freq in f32, then cos/sin of the f32 angle, times the attention scaling in f32. */
+static int rope_tables(const fl_tensor *pos, int64_t t, double theta, const float *inv_freq, double scale, int64_t rot,
+                       float *cs, float *sn) {
     int64_t half = rot / 2;
+    float sc = (float)scale;
     for (int64_t ti = 0; ti < t; ti++) {
         float p = pos ? (float)id_at(fl_tensor_data(pos), pos->dtype, ti) : (float)ti;
         for (int64_t i = 0; i < half; i++) {
-            float inv = 1.0f / powf((float)theta, (float)(2 * i) / (float)rot);
+            float inv = inv_freq ? inv_freq[i] : 1.0f / powf((float)theta, (float)(2 * i) / (float)rot);
             float f = p * inv;
-            cs[ti * half + i] = cosf(f);
-            sn[ti * half + i] = sinf(f);
+            cs[ti * half + i] = scale == 1.0 ? cosf(f) : cosf(f) * sc;
+            sn[ti * half + i] = scale == 1.0 ? sinf(f) : sinf(f) * sc;
         }
     }
     return FL_OK;
@@ -174,12 +176,13 @@ static void rope_apply(const fl_tensor *x, void *out, const float *cs, const flo
     }
 }
 
-static fl_tensor *rope_raw(const fl_tensor *x, const fl_tensor *pos, double theta, int64_t rot, int dir) {
+static fl_tensor *rope_raw(const fl_tensor *x, const fl_tensor *pos, double theta, const fl_tensor *inv_freq, double scale,
+                           int64_t rot, int dir) {
     int64_t t = x->shape[1], half = rot / 2;
     float *cs = malloc(sizeof(float) * (size_t)(t * half + 1)), *sn = malloc(sizeof(float) * (size_t)(t * half + 1));
     fl_tensor *out = cs && sn ? fl_tensor_empty(4, x->shape, x->dtype, FL_CPU) : NULL;
     if (out) {
-        rope_tables(pos, t, theta, rot, cs, sn);
+        rope_tables(pos, t, theta, inv_freq ? (const float *)fl_tensor_data(inv_freq) : NULL, scale, rot, cs, sn);
         if (x->dtype == FL_BF16 || x->dtype == FL_F16)   /* HF: cos.to(x.dtype), sin.to(x.dtype) */
             for (int64_t i = 0; i < t * half; i++) { cs[i] = lp_round(x->dtype, cs[i]); sn[i] = lp_round(x->dtype, sn[i]); }
         rope_apply(x, fl_tensor_data(out), cs, sn, rot, dir);
@@ -191,41 +194,69 @@ static fl_tensor *rope_raw(const fl_tensor *x, const fl_tensor *pos, double thet
     return out;
 }
 
+/* saved: pos (when i[1]), then inv_freq (when i[2]); f[0] theta, f[1] scale, i[0] rot_dim */
 static int rope_backward(fl_node *n, fl_tensor *const *go, fl_tensor **gi) {
     if (!go[0] || !fl_node_needs(n, 0)) return FL_OK;
     fl_tensor *g = fl_contiguous(go[0]);
     if (!g) return FL_ENOMEM;
-    gi[0] = rope_raw(g, n->n_saved > 0 ? n->saved[0] : NULL, n->f[0], n->i[0], -1);  /* rotation by -angle = transpose */
+    const fl_tensor *pos = n->i[1] ? n->saved[0] : NULL, *inv = n->i[2] ? n->saved[n->i[1] ? 1 : 0] : NULL;
+    gi[0] = rope_raw(g, pos, n->f[0], inv, n->f[1], n->i[0], -1);  /* rotation by -angle = transpose */
     fl_tensor_release(g);
     return gi[0] ? FL_OK : FL_ENOMEM;
 }
 
-fl_tensor *fl_rope(const fl_tensor *x, const fl_tensor *pos, double theta, int32_t rot_dim) {
+/* inv_freq NULL: the frequencies of theta; else an f32 [rot_dim/2] table, with scale on cos and sin. */
+static fl_tensor *rope_impl(const fl_tensor *x, const fl_tensor *pos, double theta, const fl_tensor *inv_freq,
+                            double scale, int32_t rot_dim) {
     if (fl_check_cpu_data("rope", x) < 0 || (!fl_lowp_any(1, &x) && fl_check_float("rope", x) < 0)) return NULL;
     if (x->ndim != 4) return fl_fail_null(FL_EINVAL, "rope: x must be [B, T, heads, hd], got %s", fl_shape_str(x));
     int64_t t = x->shape[1], hd = x->shape[3];
     if (rot_dim <= 0 || rot_dim > hd || rot_dim % 2)
         return fl_fail_null(FL_EINVAL, "rope: rot_dim %d must be even and in (0, %" PRId64 "] for x %s", rot_dim, hd, fl_shape_str(x));
     if (!(theta > 0)) return fl_fail_null(FL_EINVAL, "rope: theta must be positive, got %g", theta);
+    if (!(scale > 0)) return fl_fail_null(FL_EINVAL, "rope: attention scaling must be positive, got %g", scale);
     if (pos) {
         if (fl_check_cpu_data("rope", pos) < 0) return NULL;
         if ((pos->dtype != FL_I64 && pos->dtype != FL_I32) || pos->ndim != 1 || pos->shape[0] != t)
             return fl_fail_null(FL_EINVAL, "rope: pos must be i64 [%" PRId64 "], got %s %s", t, fl_dtype_name(pos->dtype), fl_shape_str(pos));
     }
-    fl_tensor *xs = NULL, *pc = pos ? fl_contiguous(pos) : NULL, *out = NULL;
-    if (pos && !pc) return NULL;
+    if (inv_freq) {
+        if (fl_check_cpu_data("rope", inv_freq) < 0) return NULL;
+        if (inv_freq->dtype != FL_F32 || inv_freq->ndim != 1 || inv_freq->shape[0] != rot_dim / 2)
+            return fl_fail_null(FL_EINVAL, "rope: inv_freq must be f32 [%d] (rot_dim / 2), got %s %s", rot_dim / 2,
+                                fl_dtype_name(inv_freq->dtype), fl_shape_str(inv_freq));
+    }
+    fl_tensor *xs = NULL, *pc = pos ? fl_contiguous(pos) : NULL, *ic = inv_freq ? fl_contiguous(inv_freq) : NULL;
+    fl_tensor *out = NULL;
+    if ((pos && !pc) || (inv_freq && !ic)) goto done;
     if (hd > 1 && x->stride[3] != 1) { if (!(xs = fl_contiguous(x))) goto done; }  /* last dim must be contiguous to read rows */
-    out = rope_raw(xs ? xs : x, pc, theta, rot_dim, +1);
+    out = rope_raw(xs ? xs : x, pc, theta, ic, scale, rot_dim, +1);
     if (!out) goto done;
     const fl_tensor *ins[1] = {x};
     fl_node *n = fl_record("rope", rope_backward, 1, ins, out);
     if (n) {
         if (pc) fl_node_save(n, pc);
+        if (ic) fl_node_save(n, ic);
         n->f[0] = theta;
+        n->f[1] = scale;
         n->i[0] = rot_dim;
+        n->i[1] = pc != NULL;
+        n->i[2] = ic != NULL;
     }
 done:
     fl_tensor_release(xs);
     fl_tensor_release(pc);
+    fl_tensor_release(ic);
     return out;
+}
+
+fl_tensor *fl_rope(const fl_tensor *x, const fl_tensor *pos, double theta, int32_t rot_dim) {
+    return rope_impl(x, pos, theta, NULL, 1.0, rot_dim);
+}
+
+fl_tensor *fl_rope_freqs(const fl_tensor *x, const fl_tensor *pos, const fl_tensor *inv_freq, double scale) {
+    if (!inv_freq) return fl_fail_null(FL_EINVAL, "rope: inv_freq is required");
+    if (inv_freq->ndim != 1 || inv_freq->shape[0] < 1 || inv_freq->shape[0] > INT32_MAX / 2)
+        return fl_fail_null(FL_EINVAL, "rope: inv_freq must be f32 [rot_dim / 2], got %s", fl_shape_str(inv_freq));
+    return rope_impl(x, pos, 1.0, inv_freq, scale, (int32_t)(2 * inv_freq->shape[0]));
 }

@@ -39,7 +39,14 @@ function Cache:advance(pos, new_valid)
   end
   if self.pos then self.pos:free() end
   self.pos, self.T = pos, T
+  local pp, m = ffi.cast("const int64_t *", pos:data_ptr()), -1
+  for i = 0, B * T - 1 do if tonumber(pp[i]) > m then m = tonumber(pp[i]) end end
+  self.max_pos = m
 end
+
+-- The largest position id of the tokens this forward adds (over all rows: transformers' seq_len - 1 for the
+-- rope types that depend on it).
+function Cache:max_position() return self.max_pos end
 
 -- After the forward: the new tokens are cached.
 function Cache:commit() self.len = self.len + self.T end
@@ -51,14 +58,23 @@ local function row_positions(pos, b)
   return v
 end
 
--- RoPE of x [B, T, heads, hd] at each row's own positions.
-function Cache:rope(x, theta, rot)
-  if self.B == 1 then return ops.rope(x, row_positions(self.pos, 0), theta, rot) end
+-- RoPE of x [B, T, heads, hd] at each row's own positions: theta's frequencies, or the table inv_freq with the
+-- attention scaling (scaled RoPE, one table for the batch as transformers').
+function Cache:rope(x, theta, rot, inv_freq, scale)
+  local function rotate(xb, p)
+    if inv_freq then return ops.rope_freqs(xb, p, inv_freq, scale) end
+    return ops.rope(xb, p, theta, rot)
+  end
+  if self.B == 1 then
+    local p = row_positions(self.pos, 0)
+    local out = rotate(x, p); p:free()
+    return out
+  end
   local rows = {}
   for b = 0, self.B - 1 do
     local xb = basic.narrow(x, 1, b + 1, 1)
     local p = row_positions(self.pos, b)
-    rows[b + 1] = ops.rope(xb, p, theta, rot)
+    rows[b + 1] = rotate(xb, p)
     xb:free(); p:free()
   end
   local out = basic.cat(rows, 1)
@@ -85,6 +101,14 @@ function Cache:attend(owner, q, k, v, scale, window)
                          "attention_cached")
   kc:free(); vc:free()
   return out
+end
+
+-- Forgets every cached token (the cache is then refilled from position 0).
+function Cache:reset()
+  for _, slot in pairs(self.kv) do slot.k:free(); slot.v:free() end
+  self.kv = {}
+  ffi.fill(ffi.cast("uint8_t *", self.valid:data_ptr()), self.B * self.capacity, 0)
+  self.len = 0
 end
 
 function Cache:free()
@@ -192,7 +216,8 @@ function M.generate(model, ids, opts)
   local pad = opts.pad_token_id
   if pad == nil then pad = cfg.pad_token_id end
   if pad == nil then pad = first_eos end
-  local limit = cfg.n_positions or cfg.max_position_embeddings
+  -- learned positions (GPT-2) end at n_positions; RoPE models run past max_position_embeddings, as transformers'
+  local limit = cfg.n_positions
   if limit and T0 + n > limit then
     core.raise(("generate: %d prompt + %d new tokens exceed the model's %d positions"):format(T0, n, limit))
   end
@@ -222,6 +247,7 @@ function M.generate(model, ids, opts)
   ids64:free()
 
   local cache = Cache.new(B, T0 + n)
+  local reset_at = rawget(model, "cache_reset_at")   -- a length past which the cache is recomputed once (Phi-3)
   local count = {}    -- real tokens so far per row: the next position id
   local done = {}
   for b = 0, B - 1 do count[b] = 0; done[b] = false end
@@ -282,8 +308,20 @@ function M.generate(model, ids, opts)
         local all_done = true
         for b = 0, B - 1 do if not done[b] then all_done = false end end
         if all_done or step == n then nxt:free(); break end
-        input = nxt
-        positions(1, function() return true end)
+        local W = T0 + step
+        if reset_at and W >= reset_at + 1 and cache.len <= reset_at then
+          -- transformers' Phi-3: the first forward past original_max_position_embeddings drops the cache and
+          -- recomputes the whole sequence, whose keys then all rotate with the long factors
+          nxt:free()
+          cache:reset()
+          for b = 0, B - 1 do count[b] = 0 end
+          local head = basic.narrow(out, 2, 1, W)
+          input = basic.contiguous(head); head:free()
+          positions(W, function(b, t) return t >= T0 or pm[b * T0 + t] ~= 0 end)
+        else
+          input = nxt
+          positions(1, function() return true end)
+        end
       end
     end)
   end)

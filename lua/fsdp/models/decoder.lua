@@ -9,6 +9,8 @@
 --   traits.resid_dropout(cfg)     dropout on both branch outputs before the residual add (Phi-3), or nil
 --   traits.ffn(cfg, i, o)         the feed-forward of layer i other than the gated MLP: returns its name and module
 --                                 (an MoE block), or nil for the gated MLP under "mlp"
+--   traits.cache_reset_at(cfg)    a length L: generate recomputes its cache once, at the first forward of more than L
+--                                 tokens (transformers' Phi-3 prepare_inputs_for_generation, for longrope)
 --   traits.class_names            transformers' names of the shared nn classes where they are not <prefix>Attention,
 --                                 <prefix>MLP (GatedMLP and MoE experts), <prefix>RMSNorm, <prefix>SparseMoeBlock
 --   traits.moe(cfg)               {num_experts =, top_k =, coef =} when the model routes: forward then collects
@@ -25,6 +27,7 @@ local Dropout    = require "fsdp.nn.dropout"
 local Attention  = require "fsdp.nn.attention"
 local GatedMLP   = require "fsdp.nn.gated_mlp"
 local MoE        = require "fsdp.nn.moe"
+local Rope       = require "fsdp.nn.rope"
 local basic      = require "fsdp.ops.basic"
 local ops        = require "fsdp.nn.ops"
 local common     = require "fsdp.models.common"
@@ -45,12 +48,16 @@ local ACTS = {silu = true, swish = true, gelu = true, gelu_new = true, gelu_pyto
 
 -- v5 rope_parameters, or v4 rope_theta / rope_scaling, folded as transformers v5 does (hf-models.md §0.10):
 -- rope_scaling is the base, theta from the dict, then top-level rope_theta, then the class default.
--- A top-level partial_rotary_factor (v4 Phi-3 configs) moves into it too.
-function M.normalize_rope(cfg, default_theta)
+-- A top-level partial_rotary_factor (v4 Phi-3 configs) moves into it too. The scaled types (fsdp/nn/rope.lua) take
+-- the keys transformers' validation takes; llama3, yarn and longrope get original_max_position_embeddings from a
+-- top-level key of that name (Phi-3's), else from the dict, else max_position_embeddings, as standardize_rope_params.
+-- types: the rope types the architecture accepts (nil: all of Rope.KEYS).
+function M.normalize_rope(cfg, default_theta, types)
+  local mt = cfg.model_type
   local rp = {}
   local src = cfg.rope_parameters or cfg.rope_scaling
   if src ~= nil and type(src) ~= "table" then
-    core.raise(("config: %s: rope_parameters must be an object, got %s"):format(cfg.model_type, type(src)))
+    core.raise(("config: %s: rope_parameters must be an object, got %s"):format(mt, type(src)))
   end
   for k, v in pairs(src or {}) do rp[k] = v end
   if rp.type ~= nil and rp.rope_type == nil then rp.rope_type = rp.type end
@@ -58,26 +65,77 @@ function M.normalize_rope(cfg, default_theta)
   rp.rope_type = rp.rope_type or "default"
   rp.rope_theta = rp.rope_theta or cfg.rope_theta or default_theta
   if rp.partial_rotary_factor == nil then rp.partial_rotary_factor = cfg.partial_rotary_factor end
-  if rp.rope_type ~= "default" then
-    core.raise(("config: %s: rope_type '%s' is not supported (only 'default')"):format(cfg.model_type, tostring(rp.rope_type)))
+  local t = rp.rope_type
+  local valid = {}
+  for name in pairs(types or Rope.KEYS) do valid[#valid + 1] = name end
+  table.sort(valid)
+  local keys = Rope.KEYS[t]
+  if not keys or (types and not types[t]) then
+    core.raise(("config: %s: rope_type '%s' is not supported (valid: %s)"):format(mt, tostring(t), table.concat(valid, ", ")))
+  end
+  if keys.original_max_position_embeddings then
+    rp.original_max_position_embeddings = cfg.original_max_position_embeddings or rp.original_max_position_embeddings
+                                          or cfg.max_position_embeddings
   end
   for k in pairs(rp) do
-    if k ~= "rope_type" and k ~= "rope_theta" and k ~= "partial_rotary_factor" then
-      core.raise(("config: %s: rope parameter '%s' is not supported with rope_type 'default'"):format(cfg.model_type, k))
+    if k ~= "rope_type" and k ~= "rope_theta" and k ~= "partial_rotary_factor" and keys[k] == nil then
+      core.raise(("config: %s: rope parameter '%s' is not supported with rope_type '%s'"):format(mt, k, t))
     end
+  end
+  for k, required in pairs(keys) do
+    if required and rp[k] == nil then
+      core.raise(("config: %s: rope_type '%s' needs rope parameter '%s'"):format(mt, t, k))
+    end
+  end
+  local function positive(k, at_least)
+    local v = rp[k]
+    if v ~= nil and not (type(v) == "number" and v >= at_least and (at_least > 0 or v > 0)) then
+      core.raise(("config: %s: rope parameter '%s' must be a number %s, got %s"):format(mt, k,
+                 at_least > 0 and (">= " .. at_least) or "> 0", tostring(v)))
+    end
+  end
+  if not (type(rp.rope_theta) == "number" and rp.rope_theta > 0) then
+    core.raise(("config: %s: rope_theta must be a positive number, got %s"):format(mt, tostring(rp.rope_theta)))
+  end
+  positive("factor", 0)
+  positive("attention_factor", 0)
+  positive("low_freq_factor", 0)
+  positive("high_freq_factor", 0)
+  positive("beta_fast", 0)
+  positive("beta_slow", 0)
+  local om = rp.original_max_position_embeddings
+  if om ~= nil and not (type(om) == "number" and om >= 1 and om == math.floor(om)) then
+    core.raise(("config: %s: original_max_position_embeddings must be a positive integer, got %s"):format(mt, tostring(om)))
+  end
+  if t == "llama3" and rp.high_freq_factor <= rp.low_freq_factor then
+    core.raise(("config: %s: llama3 high_freq_factor %g must exceed low_freq_factor %g"):format(mt,
+               rp.high_freq_factor, rp.low_freq_factor))
   end
   local f = rp.partial_rotary_factor
   if f ~= nil and not (type(f) == "number" and f > 0 and f <= 1) then
-    core.raise(("config: %s: partial_rotary_factor must be a number in (0, 1], got %s"):format(cfg.model_type, tostring(f)))
+    core.raise(("config: %s: partial_rotary_factor must be a number in (0, 1], got %s"):format(mt, tostring(f)))
+  end
+  if t == "longrope" then
+    local hd = cfg.head_dim or (cfg.hidden_size / cfg.num_attention_heads)
+    local n = math.floor(hd * (f or 1)) / 2
+    for _, k in ipairs {"short_factor", "long_factor"} do
+      local list = rp[k]
+      local ok = type(list) == "table" and #list == n
+      for i = 1, ok and n or 0 do if type(list[i]) ~= "number" or list[i] <= 0 then ok = false end end
+      if not ok then
+        core.raise(("config: %s: longrope %s must list %d positive numbers (rotary dim / 2), got %s"):format(mt, k, n,
+                   type(list) == "table" and (#list .. " entries") or tostring(list)))
+      end
+    end
   end
   cfg.rope_parameters = rp
   cfg.rope_theta, cfg.rope_scaling, cfg.partial_rotary_factor = nil, nil, nil
 end
 
 -- The keys the family shares: RoPE, the activation, GQA heads, head_dim, the padding row.
-function M.normalize_common(cfg, default_theta)
+function M.normalize_common(cfg, default_theta, rope_types)
   local mt = cfg.model_type
-  M.normalize_rope(cfg, default_theta)
+  M.normalize_rope(cfg, default_theta, rope_types)
   if not ACTS[cfg.hidden_act] then
     core.raise(("config: %s: unsupported hidden_act '%s' (supported: silu, swish, gelu, gelu_new, gelu_pytorch_tanh, relu)")
           :format(mt, tostring(cfg.hidden_act)))
@@ -152,7 +210,8 @@ function M.make(traits)
     self:register_module("self_attn", Attention.new(H, {num_heads = cfg.num_attention_heads,
       num_kv_heads = cfg.num_key_value_heads, head_dim = hd, bias = a.bias, o_bias = a.o_bias, window = a.window,
       qk_norm = a.qk_norm, norm_eps = cfg.rms_norm_eps, fused_qkv = a.fused_qkv, rope_theta = rp.rope_theta,
-      rotary_dim = math.floor(hd * (rp.partial_rotary_factor or 1.0)), dropout = cfg.attention_dropout, std = std,
+      rotary_dim = math.floor(hd * (rp.partial_rotary_factor or 1.0)), rope_parameters = rp,
+      max_position_embeddings = cfg.max_position_embeddings, dropout = cfg.attention_dropout, std = std,
       device = o.device, dtype = o.dtype}))
     local ffn_name, ffn = nil, nil
     if traits.ffn then ffn_name, ffn = traits.ffn(cfg, i, o) end
@@ -256,6 +315,7 @@ function M.make(traits)
   local function build(cfg, o)
     local self = Module.init(setmetatable({}, LM))
     rawset(self, "_class_names", class_names)
+    if traits.cache_reset_at then rawset(self, "cache_reset_at", traits.cache_reset_at(cfg)) end
     self:register_module("model", Base.new(cfg, o))
     self:register_module("lm_head", Linear.new(cfg.hidden_size, cfg.vocab_size,
       {bias = false, std = cfg.initializer_range, device = o.device, dtype = o.dtype}))

@@ -1,8 +1,8 @@
 -- lua/fsdp/models/phi3.lua: Phi-3 (Phi3ForCausalLM, hf-models.md §8): the Llama family with a fused qkv_proj (rows q,
 -- then k, then v) and a fused gate_up_proj (gate first), partial rotary embeddings (partial_rotary_factor), dropout
 -- on both residual branches (resid_pdrop), a padding row in the embedding (pad_token_id), no biases, and an optional
--- sliding window on every layer. The layers are the Llama family's (models/decoder.lua).
-local core    = require "fsdp.core"
+-- sliding window on every layer, and the long-context variants' longrope (short and long factors, hf-models.md §0.10).
+-- The layers are the Llama family's (models/decoder.lua).
 local decoder = require "fsdp.models.decoder"
 
 local M = {
@@ -39,12 +39,21 @@ M.tiny_config = {vocab_size = 101, hidden_size = 64, intermediate_size = 96, num
                  rope_parameters = {rope_type = "default", rope_theta = 10000.0, partial_rotary_factor = 0.5},
                  pad_token_id = 100, bos_token_id = 1, eos_token_id = 100, tie_word_embeddings = false}
 
+-- Phi3Config takes rope_type default or longrope; the legacy names su and yarn mean longrope there.
+local ROPE_TYPES = {default = true, longrope = true}
+
 function M.normalize(cfg)
   local rp = cfg.rope_parameters or cfg.rope_scaling
-  if type(rp) == "table" and (rp.rope_type == "longrope" or rp.type == "su" or rp.type == "yarn" or rp.type == "longrope") then
-    core.raise("config: phi3: longrope (the long-context Phi-3 variants) is not supported; only rope_type 'default'")
+  if type(rp) == "table" then
+    local t = rp.rope_type or rp.type
+    if t == "su" or t == "yarn" then
+      local copy = {}
+      for k, v in pairs(rp) do copy[k] = v end
+      copy.type, copy.rope_type = nil, "longrope"
+      if cfg.rope_parameters then cfg.rope_parameters = copy else cfg.rope_scaling = copy end
+    end
   end
-  return decoder.normalize_common(cfg, M.default_theta)
+  return decoder.normalize_common(cfg, M.default_theta, ROPE_TYPES)
 end
 
 M.build, M.classes = decoder.make{
@@ -52,6 +61,7 @@ M.build, M.classes = decoder.make{
   attention = function(cfg) return {bias = false, window = cfg.sliding_window or 0, fused_qkv = true} end,
   mlp = function() return {bias = false, fused = true} end,
   resid_dropout = function(cfg) return cfg.resid_pdrop end,
+  cache_reset_at = function(cfg) return cfg.original_max_position_embeddings end,
 }
 
 return M

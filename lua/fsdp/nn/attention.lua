@@ -3,7 +3,9 @@
 -- window, attention_dropout on the probabilities inside the fused op in training mode (masks keyed by
 -- fsdp.dropout_keys). Reshapes [B, T, nH*hd] <-> [B, T, nH, hd] are free views. Variants by option: qk_norm (Qwen3:
 -- RMSNorm over hd of every query and key head, before RoPE) and fused_qkv (Phi-3: one qkv_proj whose output rows
--- are q, then k, then v).
+-- are q, then k, then v). rope_parameters (a normalised HF dict, with max_position_embeddings) selects a scaled
+-- RoPE (fsdp/nn/rope.lua); without it the frequencies are rope_theta's.
+local ffi    = require "ffi"
 local core   = require "fsdp.core"
 local Module = require "fsdp.nn.module"
 local Linear = require "fsdp.nn.linear"
@@ -11,11 +13,12 @@ local RMSNorm = require "fsdp.nn.rms_norm"
 local basic  = require "fsdp.ops.basic"
 local ops    = require "fsdp.nn.ops"
 local keys   = require "fsdp.dropout_keys"
+local Rope   = require "fsdp.nn.rope"
 
 local Attention = Module.class("Attention")
 local OPTS = {num_heads = true, num_kv_heads = true, head_dim = true, bias = true, o_bias = true, rope_theta = true,
               rotary_dim = true, window = true, dropout = true, qk_norm = true, norm_eps = true, fused_qkv = true,
-              std = true, device = true, dtype = true, seed = true}
+              std = true, device = true, dtype = true, seed = true, rope_parameters = true, max_position_embeddings = true}
 
 function Attention.new(hidden, opts)
   opts = core.check_opts("Attention", opts, OPTS, 2)
@@ -31,6 +34,10 @@ function Attention.new(hidden, opts)
   self.hidden, self.num_heads, self.num_kv_heads, self.head_dim = hidden, nh, nkv, hd
   self.rope_theta = opts.rope_theta or 10000.0
   self.rotary_dim = opts.rotary_dim or hd
+  local rp = opts.rope_parameters
+  if rp ~= nil and (rp.rope_type or "default") ~= "default" then
+    self.rope = Rope.new(rp, {rot_dim = self.rotary_dim, max_position_embeddings = opts.max_position_embeddings})
+  end
   self.window = opts.window or 0
   self.dropout = opts.dropout or 0
   if type(self.dropout) ~= "number" or not (self.dropout >= 0 and self.dropout < 1) then
@@ -81,6 +88,17 @@ function Attention:project(x, B, T)
   return qh, kh, vh
 end
 
+-- The largest position + 1 of this forward: transformers' seq_len for dynamic and longrope.
+local function seq_len_of(T, pos, cache)
+  if cache then return cache:max_position() + 1 end
+  if not pos then return T end
+  local p64 = basic.to(pos, "i64")
+  local pp, m = ffi.cast("const int64_t *", p64:data_ptr()), -1
+  for i = 0, p64:numel() - 1 do if tonumber(pp[i]) > m then m = tonumber(pp[i]) end end
+  p64:free()
+  return m + 1
+end
+
 -- x [B, T, H]; pos: optional i64 [T] positions (default 0..T-1); cache: generation (fsdp/generate.lua): the
 -- positions are the cache's, k and v join it, the queries attend over it -> [B, T, H]
 function Attention:forward(x, pos, cache)
@@ -93,17 +111,25 @@ function Attention:forward(x, pos, cache)
     qh:free(); kh:free()
     qh, kh = qn, kn
   end
+  local inv, scale
+  if self.rope then inv, scale = self.rope:frequencies(seq_len_of(T, pos, cache)) end
   if cache then
-    local qr = cache:rope(qh, self.rope_theta, self.rotary_dim); qh:free()
-    local kr = cache:rope(kh, self.rope_theta, self.rotary_dim); kh:free()
+    local qr = cache:rope(qh, self.rope_theta, self.rotary_dim, inv, scale); qh:free()
+    local kr = cache:rope(kh, self.rope_theta, self.rotary_dim, inv, scale); kh:free()
     local o = cache:attend(self, qr, kr, vh, self.scale, self.window)
     qr:free(); kr:free(); vh:free()
     local merged = basic.view(o, {B, T, nh * hd}); o:free()
     local out = self.o_proj(merged); merged:free()
     return out
   end
-  local qr = ops.rope(qh, pos, self.rope_theta, self.rotary_dim); qh:free()
-  local kr = ops.rope(kh, pos, self.rope_theta, self.rotary_dim); kh:free()
+  local qr, kr
+  if inv then
+    qr = ops.rope_freqs(qh, pos, inv, scale); qh:free()
+    kr = ops.rope_freqs(kh, pos, inv, scale); kh:free()
+  else
+    qr = ops.rope(qh, pos, self.rope_theta, self.rotary_dim); qh:free()
+    kr = ops.rope(kh, pos, self.rope_theta, self.rotary_dim); kh:free()
+  end
   local p = self.training and self.dropout or 0
   local o = ops.attention(qr, kr, vh, self.scale, self.window, p, keys.seed(), p > 0 and keys.next() or 0)
   qr:free(); kr:free(); vh:free()
@@ -114,8 +140,9 @@ function Attention:forward(x, pos, cache)
 end
 
 function Attention:extra_repr()
-  return ("num_heads=%d, num_kv_heads=%d, head_dim=%d, rope_theta=%g%s"):format(self.num_heads, self.num_kv_heads,
-    self.head_dim, self.rope_theta, self.window > 0 and (", window=" .. self.window) or "")
+  return ("num_heads=%d, num_kv_heads=%d, head_dim=%d, rope_theta=%g%s%s"):format(self.num_heads, self.num_kv_heads,
+    self.head_dim, self.rope_theta, self.rope and (", rope_type=" .. self.rope.type) or "",
+    self.window > 0 and (", window=" .. self.window) or "")
 end
 
 return Attention

@@ -33,6 +33,11 @@ function M.rope(x, pos, theta, rot_dim)
   return own(C.fl_rope(ptr(x, "rope", 1), pos and pos._p or nil, theta, rot_dim), "rope")
 end
 
+-- x [B, T, heads, hd] rotated by the f32 [rot/2] frequencies inv_freq, cos and sin times scale (scaled RoPE).
+function M.rope_freqs(x, pos, inv_freq, scale)
+  return own(C.fl_rope_freqs(ptr(x, "rope", 1), pos and pos._p or nil, inv_freq._p, scale), "rope")
+end
+
 -- q [B, T, nH, hd], k/v [B, T, nKV, hd] (strided views allowed) -> [B, T, nH, hd] contiguous. p > 0: dropout on
 -- the attention probabilities with the mask of (seed, key).
 function M.attention(q, k, v, scale, window, p, seed, key)
