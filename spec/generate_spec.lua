@@ -198,4 +198,15 @@ describe("generate", function()
     local s1 = rows(m:generate(ids, {max_new_tokens = 4, eos_token_id = {}, do_sample = true, seed = 2}))
     assert.same(s1, rows(m:generate(ids, {max_new_tokens = 4, eos_token_id = {}, temperature = 1, seed = 2})))
   end)
+
+  it("reads ids and attention_mask views through their strides (a transposed prompt is its own rows)", function()
+    local m = models.from_pretrained("spec/fixtures/gpt2_tied")
+    local ids = fsdp.tensor({{7, 1, 3}, {8, 2, 4}}, {dtype = "i64"}):transpose(1, 2)    -- [3, 2]: rows {7, 8}, ...
+    local mask = fsdp.tensor({{0, 1, 1}, {1, 1, 1}}, {dtype = "f64"}):transpose(1, 2)  -- row 0 left-padded
+    local want = rows(m:generate(fsdp.tensor({{7, 8}, {1, 2}, {3, 4}}, {dtype = "i64"}),
+                                 {max_new_tokens = 3, eos_token_id = {},
+                                  attention_mask = fsdp.tensor({{0, 1}, {1, 1}, {1, 1}}, {dtype = "i64"})}))
+    assert.same({7, 8}, {want[1][1], want[1][2]})
+    assert.same(want, rows(m:generate(ids, {max_new_tokens = 3, eos_token_id = {}, attention_mask = mask})))
+  end)
 end)

@@ -141,13 +141,15 @@ local OPTS = {max_new_tokens = true, temperature = true, top_k = true, top_p = t
 local function describe(v) return type(v) == "number" and tostring(v) or type(v) end
 local function is_int(v) return type(v) == "number" and v == math.floor(v) and v > -math.huge and v < math.huge end
 
--- A tensor's values as a flat Lua array (row-major), read through an f64 copy.
+-- A tensor's values as a flat Lua array (row-major), read through a contiguous f64 copy: `to` and `contiguous`
+-- return the tensor itself when it is already f64 or already contiguous, and a view's bytes are not row-major.
 local function values_of(t)
   local t64 = basic.to(t, "f64")
-  local p = ffi.cast("const double *", t64:data_ptr())
+  local c = basic.contiguous(t64)
+  local p = ffi.cast("const double *", c:data_ptr())
   local r = {}
   for i = 0, t:numel() - 1 do r[i + 1] = p[i] end
-  t64:free()
+  c:free(); t64:free()
   return r
 end
 
@@ -297,7 +299,7 @@ local function parse(model, ids, opts)
       if not seen then core.raise(("generate: attention_mask row %d has no tokens (all 0)"):format(b)) end
     end
   end
-  return {B = B, T0 = T0, V = V, n = n, sample = sample, temperature = temperature, top_k = top_k, top_p = top_p,
+  return {B = B, T0 = T0, V = V, n = n, ids = ids_v, sample = sample, temperature = temperature, top_k = top_k, top_p = top_p,
           seed = seed, eos = eos, pad = pad, mask = mask_v}
 end
 
@@ -323,10 +325,7 @@ function M.generate(model, ids, opts)
 
   local out = Tensor.empty({B, T0 + n}, {dtype = "i64"})
   local po = ffi.cast("int64_t *", out:data_ptr())
-  local ids64 = basic.to(ids, "i64")
-  local pi = ffi.cast("const int64_t *", ids64:data_ptr())
-  for b = 0, B - 1 do for t = 0, T0 - 1 do po[b * (T0 + n) + t] = pi[b * T0 + t] end end
-  ids64:free()
+  for b = 0, B - 1 do for t = 0, T0 - 1 do po[b * (T0 + n) + t] = o.ids[b * T0 + t + 1] end end
 
   local cache = Cache.new(B, T0 + n)
   local count = {}    -- real tokens so far per row: the next position id
