@@ -165,3 +165,17 @@ describe("get/set errors", function()
     assert.matches("get: tensor was freed", err_of(function() return freed:get(0) end), 1, true)
   end)
 end)
+
+describe("reading a whole tensor without data", function()
+  it("is an error for item, tolist and totable (totable returned NaNs)", function()
+    local m = fsdp.zeros({1, 1}, {device = "meta"})
+    for _, f in ipairs {"item", "tolist", "totable"} do
+      assert.matches(f .. ": tensor [1, 1] is on meta (materialise it first)", err_of(function() return m[f](m) end),
+                     1, true)
+    end
+    local r = fsdp.zeros({1})
+    fsdp.C.fl_tensor_storage_release(r._p)
+    assert.matches("item: tensor [1] has released storage", err_of(function() return r:item() end), 1, true)
+    assert.matches("totable: tensor [1] has released storage", err_of(function() return r:totable() end), 1, true)
+  end)
+end)

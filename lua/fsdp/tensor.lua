@@ -256,12 +256,24 @@ function methods.shape_str(t)
   return "[" .. table.concat(t:shape(), ", ") .. "]"
 end
 
+-- A tensor without bytes here: on meta, a sharded parameter between gathers (its local part holds this rank's
+-- rows), or released storage.
+local function check_data(what, t, p)
+  if C.fl_tensor_has_data(p) then return end
+  if p.device == C.FL_META then core.raise(("%s: tensor %s is on meta (materialise it first)"):format(what, t:shape_str())) end
+  if rawget(t, "_local") then
+    core.raise(("%s: parameter %s is sharded now (not gathered); read this rank's rows from fsdp.Tensor.local_of(p)")
+               :format(what, t:shape_str()))
+  end
+  core.raise(("%s: tensor %s has released storage"):format(what, t:shape_str()))
+end
+
 function methods.item(t)
   local p = ptr(t, "item")
   if C.fl_tensor_numel(p) ~= 1 then
     error(("item: tensor %s has %d elements, expected 1"):format(t:shape_str(), t:numel()), 2)
   end
-  if not C.fl_tensor_has_data(p) then error("item: tensor has no data (meta or released)", 2) end
+  check_data("item", t, p)
   return tonumber(C.fl_tensor_get_flat(p, 0))
 end
 
@@ -304,18 +316,6 @@ local function flat_index(what, t, p, n, ...)
     flat = flat * size + i
   end
   return flat
-end
-
--- A tensor without bytes here: on meta, a sharded parameter between gathers (its local part holds this rank's
--- rows), or released storage.
-local function check_data(what, t, p)
-  if C.fl_tensor_has_data(p) then return end
-  if p.device == C.FL_META then core.raise(("%s: tensor %s is on meta (materialise it first)"):format(what, t:shape_str())) end
-  if rawget(t, "_local") then
-    core.raise(("%s: parameter %s is sharded now (not gathered); read this rank's rows from fsdp.Tensor.local_of(p)")
-               :format(what, t:shape_str()))
-  end
-  core.raise(("%s: tensor %s has released storage"):format(what, t:shape_str()))
 end
 
 -- The values a Lua number may write into each dtype: as torch's checked conversion of a Python scalar, a finite value
@@ -368,7 +368,7 @@ end
 
 function methods.tolist(t)
   local p = ptr(t, "tolist")
-  if not C.fl_tensor_has_data(p) then error("tolist: tensor has no data (meta or released)", 2) end
+  check_data("tolist", t, p)
   local shape, k = t:shape(), 0
   local function build(d)
     if d > #shape then
@@ -385,6 +385,7 @@ end
 -- A flat Lua array of all values (row-major).
 function methods.totable(t)
   local p = ptr(t, "totable")
+  check_data("totable", t, p)   -- get_flat reads NaN without data: a table of NaNs would pass for values
   local n = tonumber(C.fl_tensor_numel(p))
   local r = {}
   for i = 0, n - 1 do r[i + 1] = tonumber(C.fl_tensor_get_flat(p, i)) end
