@@ -109,10 +109,10 @@ describe("generate", function()
     assert.is_true(m.training)
     local ids = fsdp.tensor({{1, 2}}, {dtype = "i64"})
     local cases = {
-      {fsdp.tensor({1, 2}, {dtype = "i64"}), {}, "ids must be an i64 tensor"},
+      {fsdp.tensor({1, 2}, {dtype = "i64"}), {}, "ids must be an i64 %(or i32%) tensor"},
       {ids, {max_new_tokens = 40}, "exceed the model's 32 positions"},
-      {ids, {top_p = 0}, "top_p must be in"},
-      {ids, {temperature = -1, do_sample = true}, "temperature > 0"},
+      {ids, {top_p = 0}, "top_p must be a number in"},
+      {ids, {temperature = -1, do_sample = true}, "temperature must be a finite number >= 0"},
       {ids, {attention_mask = fsdp.ones({1, 3})}, "attention_mask must be %[1, 2%]"},
       {ids, {beams = 4}, "unknown option 'beams'"},
     }
@@ -121,5 +121,92 @@ describe("generate", function()
       assert.is_false(ok, c[3])
       assert.matches(c[3], tostring(err))
     end
+  end)
+
+  it("checks every option before any work, with the option and its valid range in the message", function()
+    local m = models.from_pretrained("spec/fixtures/gpt2_tied")   -- vocab_size 101, 32 positions
+    local ids = fsdp.tensor({{1, 2}, {3, 4}}, {dtype = "i64"})
+    local left = fsdp.tensor({{0, 1}, {1, 1}}, {dtype = "i64"})
+    local cases = {
+      {{temperature = -1}, "generate: temperature must be a finite number >= 0 (0: greedy), got -1"},
+      {{temperature = 0 / 0}, "generate: temperature must be a finite number >= 0 (0: greedy), got nan"},
+      {{temperature = 1 / 0}, "generate: temperature must be a finite number >= 0 (0: greedy), got inf"},
+      {{temperature = "0.7"}, "generate: temperature must be a finite number >= 0 (0: greedy), got string"},
+      {{temperature = 0, do_sample = true},
+       "generate: sampling needs a temperature > 0, got 0 (for greedy decoding leave do_sample unset or false)"},
+      {{temperature = 0.7, do_sample = false},
+       "generate: temperature = 0.7 needs sampling, but decoding is greedy (do_sample = false)"},
+      {{do_sample = "yes"}, "generate: do_sample must be true or false, got string"},
+      {{top_p = 0, temperature = 1}, "generate: top_p must be a number in (0, 1], got 0"},
+      {{top_p = 1.5, temperature = 1}, "generate: top_p must be a number in (0, 1], got 1.5"},
+      {{top_p = 0 / 0, temperature = 1}, "generate: top_p must be a number in (0, 1], got nan"},
+      {{top_k = -1, temperature = 1}, "generate: top_k must be an integer >= 0 (0: no top-k filter), got -1"},
+      {{top_k = 2.5, temperature = 1}, "generate: top_k must be an integer >= 0 (0: no top-k filter), got 2.5"},
+      {{top_k = 1 / 0, temperature = 1}, "generate: top_k must be an integer >= 0 (0: no top-k filter), got inf"},
+      {{top_k = 5}, "generate: top_k = 5 needs sampling (do_sample = true or a temperature > 0); decoding is greedy "
+                    .. "(do_sample unset, no temperature > 0)"},
+      {{top_p = 0.9, do_sample = false}, "generate: top_p = 0.9 needs sampling (do_sample = true or a temperature > 0); "
+                                         .. "decoding is greedy (do_sample = false)"},
+      {{max_new_tokens = 0}, "generate: max_new_tokens must be an integer >= 1, got 0"},
+      {{max_new_tokens = -3}, "generate: max_new_tokens must be an integer >= 1, got -3"},
+      {{max_new_tokens = 2.5}, "generate: max_new_tokens must be an integer >= 1, got 2.5"},
+      {{max_new_tokens = 1 / 0}, "generate: max_new_tokens must be an integer >= 1, got inf"},
+      {{max_new_tokens = "4"}, "generate: max_new_tokens must be an integer >= 1, got string"},
+      {{seed = 1.5, temperature = 1}, "generate: seed must be an integer in [0, 2^53], got 1.5"},
+      {{seed = -1, temperature = 1}, "generate: seed must be an integer in [0, 2^53], got -1"},
+      {{seed = "7", temperature = 1}, "generate: seed must be an integer in [0, 2^53], got string"},
+      {{eos_token_id = "2"}, "generate: eos_token_id must be a token id or a list of them, got string"},
+      {{eos_token_id = {2, -1}}, "generate: eos_token_id must be a token id or a list of them, got -1"},
+      {{eos_token_id = {first = 2}}, "generate: eos_token_id must be a token id or a list of them, got a table with keys"},
+      {{pad_token_id = -1}, "generate: pad_token_id must be a token id in [0, 101), got -1"},
+      {{pad_token_id = 101}, "generate: pad_token_id must be a token id in [0, 101), got 101"},
+      {{pad_token_id = "0"}, "generate: pad_token_id must be a token id in [0, 101), got string"},
+      {{eos_token_id = {50256, 7}},   -- gpt2 has no pad: the fallback is the first eos, which the model cannot embed
+       "generate: finished rows continue with the first eos_token_id (no pad_token_id), 50256, which is not a token "
+       .. "id (vocab_size 101); pass pad_token_id"},
+      {{attention_mask = fsdp.tensor({{1, 0}, {1, 1}}, {dtype = "i64"})},
+       "generate: attention_mask row 0 has padding at position 1 after a token; generation needs left padding "
+       .. "(tokenizers: padding_side = 'left')"},
+      {{attention_mask = fsdp.tensor({{1, 1}, {0, 0}}, {dtype = "i64"})},
+       "generate: attention_mask row 1 has no tokens (all 0)"},
+      {{attention_mask = fsdp.tensor({{1, 2}, {1, 1}}, {dtype = "i64"})},
+       "generate: attention_mask[0][1] is 2, expected 0 or 1"},
+      {{attention_mask = fsdp.zeros({2, 2}, {device = "meta"})}, "generate: attention_mask [2, 2] has no data (on meta)"},
+      {{attention_mask = {{1, 1}, {1, 1}}}, "generate: attention_mask must be a tensor, got table"},
+    }
+    for _, c in ipairs(cases) do
+      local ok, err = pcall(m.generate, m, ids, c[1])
+      assert.is_false(ok, c[2])
+      assert.matches(c[2], tostring(err), 1, true)
+      assert.is_true(m.training)   -- refused before the mode switch
+    end
+    local ok, err = pcall(m.generate, m, fsdp.tensor({{1, 101}}, {dtype = "i64"}), {})
+    assert.is_false(ok)
+    assert.matches("generate: ids[0][1] = 101 is not a token id of the model (vocab_size 101)", tostring(err), 1, true)
+    ok, err = pcall(m.generate, m, fsdp.zeros({0, 2}, {dtype = "i64"}), {})
+    assert.is_false(ok)
+    assert.matches("generate: the batch is empty (ids has no rows)", tostring(err), 1, true)
+
+    -- the neutral spellings decode greedily, as without them: temperature 0, top_k 0, top_p 1, a seed
+    local greedy = rows(m:generate(ids, {max_new_tokens = 4, eos_token_id = {}, attention_mask = left}))
+    for _, o in ipairs {{temperature = 0}, {do_sample = false, temperature = 1}, {top_k = 0, top_p = 1},
+                        {seed = 9}, {temperature = 0, top_k = 0}} do
+      o.max_new_tokens, o.eos_token_id, o.attention_mask = 4, {}, left
+      assert.same(greedy, rows(m:generate(ids, o)))
+    end
+    -- do_sample alone samples at temperature 1
+    local s1 = rows(m:generate(ids, {max_new_tokens = 4, eos_token_id = {}, do_sample = true, seed = 2}))
+    assert.same(s1, rows(m:generate(ids, {max_new_tokens = 4, eos_token_id = {}, temperature = 1, seed = 2})))
+  end)
+
+  it("reads ids and attention_mask views through their strides (a transposed prompt is its own rows)", function()
+    local m = models.from_pretrained("spec/fixtures/gpt2_tied")
+    local ids = fsdp.tensor({{7, 1, 3}, {8, 2, 4}}, {dtype = "i64"}):transpose(1, 2)    -- [3, 2]: rows {7, 8}, ...
+    local mask = fsdp.tensor({{0, 1, 1}, {1, 1, 1}}, {dtype = "f64"}):transpose(1, 2)  -- row 0 left-padded
+    local want = rows(m:generate(fsdp.tensor({{7, 8}, {1, 2}, {3, 4}}, {dtype = "i64"}),
+                                 {max_new_tokens = 3, eos_token_id = {},
+                                  attention_mask = fsdp.tensor({{0, 1}, {1, 1}, {1, 1}}, {dtype = "i64"})}))
+    assert.same({7, 8}, {want[1][1], want[1][2]})
+    assert.same(want, rows(m:generate(ids, {max_new_tokens = 3, eos_token_id = {}, attention_mask = mask})))
   end)
 end)

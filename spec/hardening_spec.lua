@@ -34,16 +34,19 @@ describe("shapes", function()
 
   it("out-of-range and non-integer get errors like set", function()
     local t = fsdp.zeros({2, 3})
-    for _, i in ipairs {6, -1, 1.5, 2 ^ 62} do
+    for _, i in ipairs {6, -1, 2 ^ 62, 1 / 0} do
       assert.matches(("get: index %s out of range for [2, 3] (6 elements; indices are 0-based)"):format(tostring(i)),
                      err_of(function() return t:get(i) end), 1, true)
       assert.matches(("set: index %s out of range for [2, 3]"):format(tostring(i)),
                      err_of(function() return t:set(i, 1) end), 1, true)
     end
-    assert.matches("get: index nil", err_of(function() return t:get() end), 1, true)
-    assert.matches("set: value must be a number, got string", err_of(function() return t:set(0, "x") end), 1, true)
-    assert.matches("get: tensor has no data", err_of(function() return fsdp.zeros({2}, {device = "meta"}):get(0) end),
+    assert.matches("get: index must be an integer, got 1.5", err_of(function() return t:get(1.5) end), 1, true)
+    assert.matches("set: index must be an integer, got nan", err_of(function() return t:set(0 / 0, 1) end), 1, true)
+    assert.matches("get: index must be an integer, got nil", err_of(function() return t:get(nil) end), 1, true)
+    assert.matches("set: value must be a number or a boolean, got string", err_of(function() return t:set(0, "x") end),
                    1, true)
+    assert.matches("get: tensor [2] is on meta (materialise it first)",
+                   err_of(function() return fsdp.zeros({2}, {device = "meta"}):get(0) end), 1, true)
     t:set(5, 7)
     assert.equal(7, t:get(5))
   end)

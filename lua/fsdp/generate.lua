@@ -162,89 +162,195 @@ end
 local OPTS = {max_new_tokens = true, temperature = true, top_k = true, top_p = true, eos_token_id = true,
               pad_token_id = true, seed = true, attention_mask = true, do_sample = true}
 
-local function check_ids(ids)
-  if not Tensor.is_tensor(ids) or ids:dim() ~= 2 or (ids.dtype ~= "i64" and ids.dtype ~= "i32") then
-    core.raise(("generate: ids must be an i64 tensor [B, T], got %s"):format(Tensor.is_tensor(ids)
-               and (ids.dtype .. " " .. ids:shape_str()) or type(ids)))
+local function describe(v) return type(v) == "number" and tostring(v) or type(v) end
+local function is_int(v) return type(v) == "number" and v == math.floor(v) and v > -math.huge and v < math.huge end
+
+-- A tensor's values as a flat Lua array (row-major), read through a contiguous f64 copy: `to` and `contiguous`
+-- return the tensor itself when it is already f64 or already contiguous, and a view's bytes are not row-major.
+local function values_of(t)
+  local t64 = basic.to(t, "f64")
+  local c = basic.contiguous(t64)
+  local p = ffi.cast("const double *", c:data_ptr())
+  local r = {}
+  for i = 0, t:numel() - 1 do r[i + 1] = p[i] end
+  c:free(); t64:free()
+  return r
+end
+
+local function check_tensor(name, t, B, T0)
+  if not Tensor.is_tensor(t) then core.raise(("generate: %s must be a tensor, got %s"):format(name, type(t))) end
+  if not t:has_data() then
+    core.raise(("generate: %s %s has no data (%s)"):format(name, t:shape_str(),
+               t.device == "meta" and "on meta" or "released storage"))
+  end
+  if B and (t:dim() ~= 2 or t:size(1) ~= B or t:size(2) ~= T0) then
+    core.raise(("generate: %s must be [%d, %d] like ids, got %s"):format(name, B, T0, t:shape_str()))
   end
 end
 
-local function id_set(v, what)
-  if v == nil then return {} end
+-- eos_token_id: one id or a list of them; ids the model cannot produce (the tiny test models keep GPT-2's 50256)
+-- are allowed, and never end a row.
+local function eos_set(v, from)
+  if v == nil then return {}, {} end
   local list = type(v) == "table" and v or {v}
+  local n = 0
+  for _ in pairs(list) do n = n + 1 end
+  if n ~= #list then core.raise(("generate: %s must be a token id or a list of them, got a table with keys"):format(from)) end
   local set = {}
   for _, x in ipairs(list) do
-    if type(x) ~= "number" or x ~= math.floor(x) or x < 0 then
-      core.raise(("generate: %s must be a token id or a list of them, got %s"):format(what, tostring(x)))
+    if not is_int(x) or x < 0 then
+      core.raise(("generate: %s must be a token id or a list of them, got %s"):format(from, describe(x)))
     end
     set[x] = true
   end
-  return set, list[1]
+  return set, list
 end
 
--- generate(model, ids [B, T], {max_new_tokens = 20, temperature =, top_k =, top_p =, do_sample =, eos_token_id =,
---   pad_token_id =, seed = 0, attention_mask = u8/i64 [B, T] (1 = token, 0 = left padding)}) -> i64 [B, T + n]:
--- the prompt and the n <= max_new_tokens generated tokens. Greedy (argmax, as transformers' do_sample = False)
--- unless do_sample or a temperature > 0 is given. A row that produced an eos token continues with pad tokens
--- (pad_token_id, else the first eos id), and decoding stops when every row has finished.
-function M.generate(model, ids, opts)
-  opts = core.check_opts("generate", opts, OPTS, 2)
-  check_ids(ids)
+-- Every option checked, and the attention mask read, before any work: returns what decoding needs.
+-- Sampling: do_sample = true samples, false is greedy; unset, a temperature > 0 samples and none (or 0) is greedy.
+-- (transformers leaves do_sample to the generation config and only warns when a sampling option meets greedy
+-- decoding; here such an option is an error, so nothing the caller passed is silently dropped.)
+local function parse(model, ids, opts)
+  opts = core.check_opts("generate", opts, OPTS, 3)
+  if type(model) ~= "table" then core.raise(("generate: model must be a model, got %s"):format(type(model))) end
   local cfg = model.config or {}
+  local V = cfg.vocab_size
+  if not is_int(V) or V < 1 then core.raise(("generate: the model's config.vocab_size is %s"):format(describe(V))) end
+  if not Tensor.is_tensor(ids) or ids:dim() ~= 2 or (ids.dtype ~= "i64" and ids.dtype ~= "i32") then
+    core.raise(("generate: ids must be an i64 (or i32) tensor [B, T], got %s"):format(Tensor.is_tensor(ids)
+               and (ids.dtype .. " " .. ids:shape_str()) or type(ids)))
+  end
+  check_tensor("ids", ids)
   local B, T0 = ids:size(1), ids:size(2)
+  if B < 1 then core.raise("generate: the batch is empty (ids has no rows)") end
   if T0 < 1 then core.raise("generate: the prompt is empty (ids has no columns)") end
-  local n = opts.max_new_tokens or 20
-  if type(n) ~= "number" or n < 0 or n ~= math.floor(n) then
-    core.raise(("generate: max_new_tokens must be an integer >= 0, got %s"):format(tostring(n)))
+  local ids_v = values_of(ids)
+  for k, x in ipairs(ids_v) do
+    if x < 0 or x >= V then
+      core.raise(("generate: ids[%d][%d] = %d is not a token id of the model (vocab_size %d)")
+                 :format(math.floor((k - 1) / T0), (k - 1) % T0, x, V))
+    end
   end
-  local temperature = opts.temperature
-  local sample = opts.do_sample
-  if sample == nil then sample = temperature ~= nil and temperature > 0 end
-  if sample and not (type(temperature or 1) == "number" and (temperature or 1) > 0) then
-    core.raise(("generate: sampling needs a temperature > 0, got %s"):format(tostring(temperature)))
+
+  local n = opts.max_new_tokens
+  if n == nil then n = 20 end
+  if not is_int(n) or n < 1 then   -- transformers: "`max_new_tokens` must be greater than 0"
+    core.raise(("generate: max_new_tokens must be an integer >= 1, got %s"):format(describe(n)))
   end
-  local top_k, top_p = opts.top_k, opts.top_p
-  if top_k ~= nil and (type(top_k) ~= "number" or top_k < 0 or top_k ~= math.floor(top_k)) then
-    core.raise(("generate: top_k must be an integer >= 0, got %s"):format(tostring(top_k)))
-  end
-  if top_p ~= nil and (type(top_p) ~= "number" or not (top_p > 0 and top_p <= 1)) then
-    core.raise(("generate: top_p must be in (0, 1], got %s"):format(tostring(top_p)))
-  end
-  local eos_ids = opts.eos_token_id
-  if eos_ids == nil then eos_ids = cfg.eos_token_id end
-  local eos, first_eos = id_set(eos_ids, "eos_token_id")
-  local pad = opts.pad_token_id
-  if pad == nil then pad = cfg.pad_token_id end
-  if pad == nil then pad = first_eos end
   -- learned positions (GPT-2) end at n_positions; RoPE models run past max_position_embeddings, as transformers'
   local limit = cfg.n_positions
   if limit and T0 + n > limit then
     core.raise(("generate: %d prompt + %d new tokens exceed the model's %d positions"):format(T0, n, limit))
   end
-  local V = cfg.vocab_size
-  -- the mask: given (left padding) or all ones
+
+  local sample, temperature, top_k, top_p = opts.do_sample, opts.temperature, opts.top_k, opts.top_p
+  if sample ~= nil and type(sample) ~= "boolean" then
+    core.raise(("generate: do_sample must be true or false, got %s"):format(describe(sample)))
+  end
+  if temperature ~= nil and not (type(temperature) == "number" and temperature >= 0 and temperature < math.huge) then
+    core.raise(("generate: temperature must be a finite number >= 0 (0: greedy), got %s"):format(describe(temperature)))
+  end
+  if top_k ~= nil and not (is_int(top_k) and top_k >= 0) then
+    core.raise(("generate: top_k must be an integer >= 0 (0: no top-k filter), got %s"):format(describe(top_k)))
+  end
+  if top_p ~= nil and not (type(top_p) == "number" and top_p > 0 and top_p <= 1) then
+    core.raise(("generate: top_p must be a number in (0, 1], got %s"):format(describe(top_p)))
+  end
+  if sample == nil then sample = temperature ~= nil and temperature > 0 end
+  if sample then
+    if temperature == 0 then
+      core.raise("generate: sampling needs a temperature > 0, got 0 (for greedy decoding leave do_sample unset or false)")
+    end
+  else
+    -- neutral values (transformers' defaults, and 0 as this function's spelling of greedy) are fine
+    local why = opts.do_sample == false and "do_sample = false" or "do_sample unset, no temperature > 0"
+    if temperature ~= nil and temperature ~= 0 and temperature ~= 1 then
+      core.raise(("generate: temperature = %s needs sampling, but decoding is greedy (%s)"):format(temperature, why))
+    end
+    if top_k ~= nil and top_k ~= 0 then
+      core.raise(("generate: top_k = %d needs sampling (do_sample = true or a temperature > 0); decoding is greedy (%s)")
+                 :format(top_k, why))
+    end
+    if top_p ~= nil and top_p ~= 1 then
+      core.raise(("generate: top_p = %s needs sampling (do_sample = true or a temperature > 0); decoding is greedy (%s)")
+                 :format(top_p, why))
+    end
+  end
+  -- the seed keys the counter-based RNG (a uint64); only draws depend on it, so greedy decoding accepts one
+  local seed = opts.seed
+  if seed == nil then seed = 0 end
+  if not is_int(seed) or seed < 0 or seed > 2 ^ 53 then
+    core.raise(("generate: seed must be an integer in [0, 2^53], got %s"):format(describe(seed)))
+  end
+
+  local eos_from = opts.eos_token_id ~= nil and "eos_token_id" or "the model's config.eos_token_id"
+  local eos, eos_list = eos_set(opts.eos_token_id == nil and cfg.eos_token_id or opts.eos_token_id, eos_from)
+  local pad, pad_from = opts.pad_token_id, "pad_token_id"
+  if pad ~= nil then
+    if not is_int(pad) or pad < 0 or pad >= V then
+      core.raise(("generate: pad_token_id must be a token id in [0, %d), got %s"):format(V, describe(pad)))
+    end
+  else
+    pad, pad_from = cfg.pad_token_id, "the model's config.pad_token_id"
+    if pad == nil then pad, pad_from = eos_list[1], "the first eos_token_id (no pad_token_id)" end
+  end
+  -- finished rows are fed the pad token: it must be one the model can embed, if any row can finish
+  local can_finish = false
+  for x in pairs(eos) do if x < V then can_finish = true end end
+  if can_finish and pad ~= nil and not (is_int(pad) and pad >= 0 and pad < V) then
+    core.raise(("generate: finished rows continue with %s, %s, which is not a token id (vocab_size %d); pass pad_token_id")
+               :format(pad_from, describe(pad), V))
+  end
+
+  -- the mask: 0/1, each row's padding on the left (positions count a row's real tokens, transformers' rule, so
+  -- padding after a token would shift every later position), at least one token per row
+  local mask_v
+  if opts.attention_mask ~= nil then
+    check_tensor("attention_mask", opts.attention_mask, B, T0)
+    mask_v = values_of(opts.attention_mask)
+    for b = 0, B - 1 do
+      local seen = false
+      for t = 0, T0 - 1 do
+        local x = mask_v[b * T0 + t + 1]
+        if x ~= 0 and x ~= 1 then
+          core.raise(("generate: attention_mask[%d][%d] is %s, expected 0 or 1"):format(b, t, tostring(x)))
+        end
+        if x == 1 then seen = true
+        elseif seen then
+          core.raise(("generate: attention_mask row %d has padding at position %d after a token; generation needs "
+                      .. "left padding (tokenizers: padding_side = 'left')"):format(b, t))
+        end
+      end
+      if not seen then core.raise(("generate: attention_mask row %d has no tokens (all 0)"):format(b)) end
+    end
+  end
+  return {B = B, T0 = T0, V = V, n = n, ids = ids_v, sample = sample, temperature = temperature, top_k = top_k, top_p = top_p,
+          seed = seed, eos = eos, pad = pad, mask = mask_v}
+end
+
+-- generate(model, ids [B, T], {max_new_tokens = 20, temperature =, top_k =, top_p =, do_sample =, eos_token_id =,
+--   pad_token_id =, seed = 0, attention_mask = [B, T] of 0/1 (1 = token, 0 = left padding)}) -> i64 [B, T + n]:
+-- the prompt and the n <= max_new_tokens generated tokens. Greedy (argmax, as transformers' do_sample = False)
+-- unless do_sample = true or a temperature > 0 is given; temperature 0 is greedy. top_k = 0 and top_p = 1 filter
+-- nothing, as in transformers. A row that produced an eos token (eos_token_id, else the config's) continues with
+-- pad tokens (pad_token_id, else the config's, else the first eos id), and decoding stops when every row has
+-- finished. Bad options are errors raised before any work.
+function M.generate(model, ids, opts)
+  local o = parse(model, ids, opts)
+  local B, T0, V, n = o.B, o.T0, o.V, o.n
+  local sample, temperature, top_k, top_p = o.sample, o.temperature, o.top_k, o.top_p
+  local eos, pad = o.eos, o.pad
   local mask = Tensor.empty({B, T0}, {dtype = "u8"})
   local pm = ffi.cast("uint8_t *", mask:data_ptr())
-  if opts.attention_mask ~= nil then
-    local am = opts.attention_mask
-    if not Tensor.is_tensor(am) or am:dim() ~= 2 or am:size(1) ~= B or am:size(2) ~= T0 then
-      core.raise(("generate: attention_mask must be [%d, %d] like ids, got %s"):format(B, T0,
-                 Tensor.is_tensor(am) and am:shape_str() or type(am)))
-    end
-    local a64 = basic.to(am, "f64")
-    local pa = ffi.cast("const double *", a64:data_ptr())
-    for i = 0, B * T0 - 1 do pm[i] = pa[i] ~= 0 and 1 or 0 end
-    a64:free()
+  if o.mask then
+    for i = 0, B * T0 - 1 do pm[i] = o.mask[i + 1] end
   else
     ffi.fill(pm, B * T0, 1)
   end
 
   local out = Tensor.empty({B, T0 + n}, {dtype = "i64"})
   local po = ffi.cast("int64_t *", out:data_ptr())
-  local ids64 = basic.to(ids, "i64")
-  local pi = ffi.cast("const int64_t *", ids64:data_ptr())
-  for b = 0, B - 1 do for t = 0, T0 - 1 do po[b * (T0 + n) + t] = pi[b * T0 + t] end end
-  ids64:free()
+  for b = 0, B - 1 do for t = 0, T0 - 1 do po[b * (T0 + n) + t] = o.ids[b * T0 + t + 1] end end
 
   local cache = Cache.new(B, T0 + n)
   local reset_at = rawget(model, "cache_reset_at")   -- a length past which the cache is recomputed once (Phi-3)
@@ -288,7 +394,7 @@ function M.generate(model, ids, opts)
           if done[b] then tok = pad or 0
           elseif sample then
             local probs = probabilities(row, V, temperature or 1, top_k, top_p)
-            local u, acc = uniform(opts.seed or 0, step, b), 0
+            local u, acc = uniform(o.seed, step, b), 0
             tok = probs[#probs][1]
             for _, e in ipairs(probs) do
               acc = acc + e[2]

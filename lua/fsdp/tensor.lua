@@ -256,41 +256,119 @@ function methods.shape_str(t)
   return "[" .. table.concat(t:shape(), ", ") .. "]"
 end
 
+-- A tensor without bytes here: on meta, a sharded parameter between gathers (its local part holds this rank's
+-- rows), or released storage.
+local function check_data(what, t, p)
+  if C.fl_tensor_has_data(p) then return end
+  if p.device == C.FL_META then core.raise(("%s: tensor %s is on meta (materialise it first)"):format(what, t:shape_str())) end
+  if rawget(t, "_local") then
+    core.raise(("%s: parameter %s is sharded now (not gathered); read this rank's rows from fsdp.Tensor.local_of(p)")
+               :format(what, t:shape_str()))
+  end
+  core.raise(("%s: tensor %s has released storage"):format(what, t:shape_str()))
+end
+
 function methods.item(t)
   local p = ptr(t, "item")
   if C.fl_tensor_numel(p) ~= 1 then
     error(("item: tensor %s has %d elements, expected 1"):format(t:shape_str(), t:numel()), 2)
   end
-  if not C.fl_tensor_has_data(p) then error("item: tensor has no data (meta or released)", 2) end
+  check_data("item", t, p)
   return tonumber(C.fl_tensor_get_flat(p, 0))
 end
 
--- A flat row-major index, 0-based: an integer in [0, numel), or an error naming the index and the shape.
-local function check_index(what, t, p, i)
-  local n = tonumber(C.fl_tensor_numel(p))
-  if type(i) ~= "number" or i ~= math.floor(i) or i < 0 or i >= n then
-    core.raise(("%s: index %s out of range for %s (%d elements; indices are 0-based)")
-          :format(what, tostring(i), t:shape_str(), n))
+-- Element access. t:get(i) reads element i of the row-major order (any number of dims); t:get(i1, ..., iN) on an
+-- N-d tensor reads element [i1]...[iN]. Indices are 0-based, as get/set have always been and as the ids the
+-- engine takes and returns (topk, gather, embedding); dims, in messages, are 1-based like size(d). Both forms read
+-- through the view's strides, so a transposed or narrowed view reads its own elements.
+local function describe(v) return type(v) == "number" and tostring(v) or type(v) end
+
+-- The flat row-major index that the n indices (...) address, or an error naming the index, dim and size.
+local function flat_index(what, t, p, n, ...)
+  local nd = p.ndim
+  if n == 1 then
+    local i = ...
+    local numel = tonumber(C.fl_tensor_numel(p))
+    if type(i) ~= "number" or i ~= math.floor(i) then
+      core.raise(("%s: index must be an integer, got %s"):format(what, describe(i)))
+    end
+    if i < 0 or i >= numel then
+      core.raise(("%s: index %s out of range for %s (%d elements; indices are 0-based)")
+                 :format(what, tostring(i), t:shape_str(), numel))
+    end
+    return i
   end
-  if not C.fl_tensor_has_data(p) then core.raise(what .. ": tensor has no data (meta or released)") end
+  if n ~= nd then
+    core.raise(("%s: %d indices for the %d-d tensor %s (give %d, or 1 flat index)")
+               :format(what, n, nd, t:shape_str(), nd))
+  end
+  local flat = 0
+  for d = 1, nd do
+    local i = select(d, ...)
+    local size = tonumber(p.shape[d - 1])
+    if type(i) ~= "number" or i ~= math.floor(i) then
+      core.raise(("%s: index %d (dim %d of %s) must be an integer, got %s"):format(what, d, d, t:shape_str(), describe(i)))
+    end
+    if i < 0 or i >= size then
+      core.raise(("%s: index %s out of range for dim %d of %s (size %d; indices are 0-based)")
+                 :format(what, tostring(i), d, t:shape_str(), size))
+    end
+    flat = flat * size + i
+  end
+  return flat
 end
 
-function methods.get(t, i)
+-- The values a Lua number may write into each dtype: as torch's checked conversion of a Python scalar, a finite value
+-- past the dtype's range is an error (for integers the C conversion would be undefined as well); infinities and
+-- NaN are fine for floats only. {lowest, highest, how the message prints the range}.
+local STORE_RANGE = {
+  i32 = {-2 ^ 31, 2 ^ 31 - 1, "[-2^31, 2^31 - 1]"},
+  i64 = {-2 ^ 63, 2 ^ 63 - 1, "[-2^63, 2^63 - 1]"},   -- 2^63 - 1 rounds to 2^63 in a double: see the >= below
+  u8 = {0, 255, "[0, 255]"},
+  f16 = {-65504, 65504, "[-65504, 65504]"},
+  bf16 = {-3.3895313892515355e38, 3.3895313892515355e38, "[-3.3895e+38, 3.3895e+38]"},
+  f32 = {-3.4028234663852886e38, 3.4028234663852886e38, "[-3.4028e+38, 3.4028e+38]"},
+}
+local INTEGER_DTYPE = {i32 = true, i64 = true, u8 = true}
+
+local function check_value(what, t, v)
+  if type(v) == "boolean" then return v and 1 or 0 end
+  if type(v) ~= "number" then core.raise(("%s: value must be a number or a boolean, got %s"):format(what, type(v))) end
+  local dt = t.dtype
+  local finite = v == v and v > -math.huge and v < math.huge
+  if INTEGER_DTYPE[dt] then
+    if not finite then core.raise(("%s: value %s cannot be stored in a %s tensor"):format(what, tostring(v), dt)) end
+    v = v < 0 and math.ceil(v) or math.floor(v)   -- toward zero, as torch (2.7 -> 2)
+  end
+  local r = STORE_RANGE[dt]
+  if r and finite and (v < r[1] or v > r[2] or (dt == "i64" and v >= 2 ^ 63)) then
+    core.raise(("%s: value %s does not fit dtype %s (range %s)"):format(what, tostring(v), dt, r[3]))
+  end
+  return v
+end
+
+-- t:get(i) or t:get(i1, ..., iN) -> the element as a Lua number (i64 beyond 2^53 rounds, as any Lua number).
+function methods.get(t, ...)
   local p = ptr(t, "get")
-  check_index("get", t, p, i)
+  local i = flat_index("get", t, p, select("#", ...), ...)
+  check_data("get", t, p)
   return tonumber(C.fl_tensor_get_flat(p, i))
 end
 
-function methods.set(t, i, v)
+-- t:set(i, v) or t:set(i1, ..., iN, v): writes v (a number or boolean) into that element, converted to t's dtype.
+function methods.set(t, ...)
   local p = ptr(t, "set")
-  check_index("set", t, p, i)
-  if type(v) ~= "number" then error(("set: value must be a number, got %s"):format(type(v)), 2) end
+  local n = select("#", ...)
+  if n < 2 then core.raise(("set: expected indices and a value, got %d argument%s"):format(n, n == 1 and "" or "s")) end
+  local v = check_value("set", t, (select(n, ...)))
+  local i = flat_index("set", t, p, n - 1, ...)
+  check_data("set", t, p)
   core.check(C.fl_tensor_set_flat(p, i, v), nil, 2)
 end
 
 function methods.tolist(t)
   local p = ptr(t, "tolist")
-  if not C.fl_tensor_has_data(p) then error("tolist: tensor has no data (meta or released)", 2) end
+  check_data("tolist", t, p)
   local shape, k = t:shape(), 0
   local function build(d)
     if d > #shape then
@@ -307,6 +385,7 @@ end
 -- A flat Lua array of all values (row-major).
 function methods.totable(t)
   local p = ptr(t, "totable")
+  check_data("totable", t, p)   -- get_flat reads NaN without data: a table of NaNs would pass for values
   local n = tonumber(C.fl_tensor_numel(p))
   local r = {}
   for i = 0, n - 1 do r[i + 1] = tonumber(C.fl_tensor_get_flat(p, i)) end
