@@ -307,10 +307,20 @@ char *fl_st_read_header(const char *path, int64_t *header_len);
 int fl_st_read_into(const char *path, int64_t offset, int32_t file_dtype, fl_tensor *t);
 /* Writes t's bytes (converted to file_dtype) at byte `offset` of an open-for-writing file (created if missing). */
 int fl_st_write_at(const char *path, int64_t offset, int32_t file_dtype, const fl_tensor *t);
+/* fl_st_write_at that also extends *crc, the CRC32C of the file's bytes before `offset`, with the bytes it writes:
+ * a file written in order from offset 0 has its checksum when the last write returns, with no second pass. */
+int fl_st_write_at_crc32c(const char *path, int64_t offset, int32_t file_dtype, const fl_tensor *t, uint32_t *crc);
 int fl_file_write_at(const char *path, int64_t offset, const void *data, int64_t nbytes);
 /* Bytes read from safetensors files by this process since the start (or the last reset): headers and data. */
 int64_t fl_st_bytes_read(void);
 void fl_st_reset_bytes_read(void);
+
+/* ---- checksums (io/checksum.c): CRC32C, the per-file checksum of training checkpoints ---- */
+/* The CRC32C of a stream extended by n bytes of data, `crc` being the stream's so far (0 for an empty one):
+ * fl_crc32c(fl_crc32c(0, a, na), b, nb) is the CRC32C of a then b. The CPU's crc32 instruction when it has one. */
+uint32_t fl_crc32c(uint32_t crc, const void *data, int64_t n);
+/* Reads the whole file once: *crc gets its CRC32C and *size its length in bytes. */
+int fl_file_crc32c(const char *path, uint32_t *crc, int64_t *size);
 
 /* ---- files and directories (io/files.c): what publishing a checkpoint atomically needs ---- */
 int fl_file_sync(const char *path);   /* fsync: the bytes written so far are on disk before a rename publishes them */
@@ -325,6 +335,8 @@ int fl_is_dir(const char *path);
 int fl_link(const char *from, const char *to);   /* a hard link: carries a file into a new directory, no copy */
 /* The names in a directory (not . and ..), each followed by '\n'; malloc'd (fl_free) or NULL. */
 char *fl_dir_list(const char *path);
+/* 1 when process `pid` runs on this host (kill(pid, 0) succeeds or is refused), 0 when there is none, or an error. */
+int fl_process_alive(int64_t pid);
 void fl_free(void *p);
 
 /* ---- background checkpoint writes (io/async_write.c) ----
@@ -346,6 +358,8 @@ int fl_async_write_start(fl_async_write *w, double delay_s);
 bool fl_async_write_done(const fl_async_write *w); /* true once the thread has finished (then wait to learn how) */
 int fl_async_write_wait(fl_async_write *w);        /* joins the thread; its error (file, offset, errno) if it failed */
 int64_t fl_async_write_bytes(const fl_async_write *w); /* host bytes staged */
+/* The CRC32C of staged file `file`, computed by the thread as it wrote it; only after a successful wait. */
+int fl_async_write_crc32c(const fl_async_write *w, int32_t file, uint32_t *crc);
 void fl_async_write_release(fl_async_write *w);    /* NULL-safe; joins a running thread first, then frees */
 
 /* ---- communication (dist/comm.c: groups, checks, world-size-1 copies; dist/comm_queue.c: the communication

@@ -20,6 +20,7 @@ typedef struct staged_file {
     char *path;
     uint8_t *bytes;   /* the whole file: freed by the thread once written */
     int64_t size;
+    uint32_t crc;     /* CRC32C of the bytes written so far: the file's once it is written */
 } staged_file;
 
 enum aw_state { AW_STAGING = 0, AW_RUNNING = 1, AW_JOINED = 2 };
@@ -58,6 +59,7 @@ int32_t fl_async_write_add_file(fl_async_write *w, const char *path, int64_t siz
     f->path = strdup(path);
     f->bytes = malloc((size_t)(size > 0 ? size : 1));
     f->size = size;
+    f->crc = 0;
     if (!f->path || !f->bytes) {
         free(f->path);
         free(f->bytes);
@@ -120,7 +122,10 @@ static int write_file(staged_file *f) {
         if (r < 0 && errno == EINTR) continue;
         if (r <= 0) rc = fl_fail(FL_EIO, "async write: cannot write '%s' at offset %" PRId64 ": %s", f->path, done,
                                  r < 0 ? strerror(errno) : "no progress");
-        else done += r;
+        else {
+            f->crc = fl_crc32c(f->crc, f->bytes + done, r);   /* computed as it is written: no second pass */
+            done += r;
+        }
     }
     if (rc == FL_OK && fsync(fd) < 0) rc = fl_fail(FL_EIO, "async write: cannot sync '%s': %s", f->path, strerror(errno));
     if (close(fd) < 0 && rc == FL_OK) rc = fl_fail(FL_EIO, "async write: closing '%s' failed: %s", f->path, strerror(errno));
@@ -169,6 +174,14 @@ int fl_async_write_wait(fl_async_write *w) {
         w->state = AW_JOINED;
     }
     if (w->status < 0) return fl_fail(w->status, "%s", w->err);
+    return FL_OK;
+}
+
+int fl_async_write_crc32c(const fl_async_write *w, int32_t file, uint32_t *crc) {
+    if (!w || file < 0 || file >= w->n || !crc) return fl_fail(FL_EINVAL, "async write: no staged file %d", file);
+    if (w->state != AW_JOINED || w->status < 0)
+        return fl_fail(FL_ESTATE, "async write: the checksum of '%s' before a successful wait", w->files[file].path);
+    *crc = w->files[file].crc;
     return FL_OK;
 }
 

@@ -1,12 +1,13 @@
 /* engine/io/files.c: the filesystem steps of publishing a checkpoint atomically — fsync of files and directories,
- * mkdir -p, the atomic exchange of two directories, and removing a staging tree. lua/fsdp/checkpoint/publish.lua
- * puts them in order. */
+ * mkdir -p, the atomic exchange of two directories, removing a staging tree, and telling whether the process that
+ * named a staging tree still runs. lua/fsdp/checkpoint/publish.lua puts them in order. */
 #include "internal.h"
 
 #include <errno.h>
 #include <fcntl.h>
 #include <dirent.h>
 #include <ftw.h>
+#include <signal.h>
 #include <limits.h>
 #include <stdio.h>
 #include <sys/stat.h>
@@ -116,4 +117,12 @@ char *fl_dir_list(const char *path) {
     out[len] = 0;
     closedir(d);
     return out;
+}
+
+int fl_process_alive(int64_t pid) {
+    if (pid <= 0 || pid != (int64_t)(pid_t)pid) return fl_fail(FL_EINVAL, "process id %" PRId64 " is not one", pid);
+    if (kill((pid_t)pid, 0) == 0) return 1;
+    if (errno == ESRCH) return 0;
+    if (errno == EPERM) return 1;   /* another user's process: alive, and not ours to judge */
+    return fl_fail(FL_EIO, "cannot tell whether process %" PRId64 " runs: %s", pid, strerror(errno));
 }

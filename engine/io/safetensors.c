@@ -47,8 +47,8 @@ static int pread_all(int fd, void *buf, size_t n, int64_t off, const char *path)
 /* Writes exactly n bytes at `off`, in ST_WRITEBACK pieces, starting the writeback of each piece as soon as it is
  * in the page cache (sync_file_range WRITE: it queues the I/O and does not wait for it). The disk then works while
  * the next pieces are copied, instead of all of it waiting for the fsync that ends a save; that fsync still
- * decides durability, so a failed hint is ignored. */
-static int pwrite_all(int fd, const void *buf, size_t n, int64_t off, const char *path) {
+ * decides durability, so a failed hint is ignored. crc, when not NULL, is extended with the bytes written. */
+static int pwrite_all(int fd, const void *buf, size_t n, int64_t off, const char *path, uint32_t *crc) {
     const uint8_t *p = buf;
     size_t done = 0;
     while (done < n) {
@@ -60,6 +60,7 @@ static int pwrite_all(int fd, const void *buf, size_t n, int64_t off, const char
                            path, off + (int64_t)done, strerror(errno));
         }
         (void)sync_file_range(fd, (off_t)(off + (int64_t)done), (off_t)r, SYNC_FILE_RANGE_WRITE);
+        if (crc) *crc = fl_crc32c(*crc, p + done, r);   /* the bytes just written, while they are in cache */
         done += (size_t)r;
     }
     return FL_OK;
@@ -160,7 +161,7 @@ done:
     return rc;
 }
 
-int fl_st_write_at(const char *path, int64_t offset, int32_t file_dtype, const fl_tensor *t) {
+static int write_tensor(const char *path, int64_t offset, int32_t file_dtype, const fl_tensor *t, uint32_t *crc) {
     if (file_dtype < 0 || file_dtype >= FL_NDTYPES)
         return fl_fail(FL_EINVAL, "safetensors: write to '%s': unknown file dtype %d", path, file_dtype);
     if (offset < 0) return fl_fail(FL_EINVAL, "safetensors: write to '%s': negative offset %" PRId64, path, offset);
@@ -185,7 +186,7 @@ int fl_st_write_at(const char *path, int64_t offset, int32_t file_dtype, const f
         src = packed;
     }
     if (file_dtype == t->dtype) {
-        rc = pwrite_all(fd, src, (size_t)n * fsz, offset, path);
+        rc = pwrite_all(fd, src, (size_t)n * fsz, offset, path, crc);
         goto done;
     }
     int64_t per = ST_CHUNK / (int64_t)fsz;
@@ -198,7 +199,7 @@ int fl_st_write_at(const char *path, int64_t offset, int32_t file_dtype, const f
     for (int64_t i = 0; i < n; i += per) {
         int64_t m = fl_min64(per, n - i);
         fl_convert((const uint8_t *)src + (size_t)i * tsz, t->dtype, bounce, file_dtype, m);
-        if ((rc = pwrite_all(fd, bounce, (size_t)m * fsz, offset + i * (int64_t)fsz, path)) < 0) goto done;
+        if ((rc = pwrite_all(fd, bounce, (size_t)m * fsz, offset + i * (int64_t)fsz, path, crc)) < 0) goto done;
     }
 done:
     free(packed);
@@ -208,12 +209,21 @@ done:
     return rc;
 }
 
+int fl_st_write_at(const char *path, int64_t offset, int32_t file_dtype, const fl_tensor *t) {
+    return write_tensor(path, offset, file_dtype, t, NULL);
+}
+
+int fl_st_write_at_crc32c(const char *path, int64_t offset, int32_t file_dtype, const fl_tensor *t, uint32_t *crc) {
+    if (!crc) return fl_fail(FL_EINVAL, "safetensors: write to '%s': no checksum to extend", path);
+    return write_tensor(path, offset, file_dtype, t, crc);
+}
+
 int fl_file_write_at(const char *path, int64_t offset, const void *data, int64_t nbytes) {
     if (offset < 0 || nbytes < 0)
         return fl_fail(FL_EINVAL, "file: write to '%s' with offset %" PRId64 " and size %" PRId64, path, offset, nbytes);
     int fd = open(path, O_WRONLY | O_CREAT | O_CLOEXEC, 0644);
     if (fd < 0) return fl_fail(FL_EIO, "file: cannot open '%s' for writing: %s", path, strerror(errno));
-    int rc = pwrite_all(fd, data, (size_t)nbytes, offset, path);
+    int rc = pwrite_all(fd, data, (size_t)nbytes, offset, path, NULL);
     if (close(fd) < 0 && rc == FL_OK)
         rc = fl_fail(FL_EIO, "file: closing '%s' after writing failed: %s", path, strerror(errno));
     return rc;

@@ -10,6 +10,7 @@ local core   = require "fsdp.core"
 local Tensor = require("fsdp").Tensor   -- with the ops' methods (view, narrow, to)
 local st     = require "fsdp.safetensors"
 local ST     = require "fsdp.parallel.shard_table"
+local train  = require "fsdp.checkpoint.train"
 
 local C = core.C
 local M = {}
@@ -300,8 +301,9 @@ local TRAIN_FORMAT, TRAIN_VERSION = "fsdp-lua training checkpoint", 1
 
 local function rank_file(r, world) return ("rank-%05d-of-%05d.safetensors"):format(r, world) end
 
--- metadata.json and every rank file, checked as checkpoint.load checks them: the format and version, each
--- tensor's pieces tiling it, each piece in its rank's file with the dtype and element count metadata.json says.
+-- metadata.json and every rank file, checked as checkpoint.load checks them: each file's size and CRC32C against
+-- metadata.json (when it lists them), the format and version, each tensor's pieces tiling it, each piece in its
+-- rank's file with the dtype and element count metadata.json says. meta.verified: the files' checksums were checked.
 local function train_checkpoint(dir)
   local mpath = dir .. "/metadata.json"
   local meta = read_json(mpath)
@@ -314,12 +316,17 @@ local function train_checkpoint(dir)
   local W = meta.world_size
   if type(W) ~= "number" or W < 1 or type(meta.tensors) ~= "table" then fail("'%s' lacks world_size or tensors", mpath) end
   local headers = {}
+  local verified = 0
   for r = 0, W - 1 do
     local name = rank_file(r, W)
     local path = dir .. "/" .. name
     if not exists(path) then fail("the file of rank %d, '%s', is missing", r, path) end
+    local bad = train.verify_file(dir, meta, r)   -- first: a flipped byte in a header is a checksum failure
+    if bad then fail("%s", bad) end
+    if bad == nil then verified = verified + 1 end
     headers[r] = header(path, ("the file of rank %d is damaged"):format(r))
   end
+  meta.verified = verified
   for tname, rec in pairs(meta.tensors) do
     if type(rec) ~= "table" or type(rec.shape) ~= "table" or type(rec.pieces) ~= "table" then
       fail("'%s': tensor '%s' has no shape or pieces", mpath, tname)
@@ -436,11 +443,20 @@ local function summary_train(dir)
       value_str(meta.rng.dropout_counter or {}))
   end
   if meta.extra ~= nil then lines[#lines + 1] = clip("  extra: " .. value_str(meta.extra)) end
-  lines[#lines + 1] = "  files:"
+  if meta.verified == W then
+    lines[#lines + 1] = ("  files: %d, each matching the size and CRC32C in metadata.json"):format(W)
+  elseif meta.verified == 0 then
+    lines[#lines + 1] = "  files: not verified (metadata.json lists no checksums: saved by an older version)"
+  else
+    lines[#lines + 1] = ("  files: %d of %d verified (metadata.json lists checksums for those only)"):format(
+      meta.verified, W)
+  end
   local frows = {}
   for r = 0, W - 1 do
     local h = headers[r]
-    frows[#frows + 1] = {rank_file(r, W), ("%d tensors"):format(#h.names), bytes_str(h.file_size)}
+    local e = type(meta.files) == "table" and meta.files[r + 1]
+    frows[#frows + 1] = {rank_file(r, W), ("%d tensors"):format(#h.names), bytes_str(h.file_size),
+                         type(e) == "table" and ("crc32c %s"):format(e.crc32c) or ""}
   end
   for _, l in ipairs(columns(frows, "    ")) do lines[#lines + 1] = l end
   -- one line per parameter: its global shape, dtype, every rank's rows and the optimizer state saved with it

@@ -4,6 +4,8 @@
 -- staging directory with the target in one atomic exchange (renameat2). A reader sees the old checkpoint or the new
 -- one, never a mix. Files in the old directory that the checkpoint does not own (a tokenizer, a README) are carried
 -- over by hard links before the swap; the checkpoint's own old files (stale model-0000i-of-0000n shards) are not.
+-- A save killed before its swap leaves its staging directory behind; the next successful save to the same parent
+-- removes those whose process has ended (never one whose process still runs: a save in progress).
 local ffi  = require "ffi"
 local core = require "fsdp.core"
 
@@ -62,6 +64,8 @@ local function agree(ok, err, collective, what, target, cleanup)
   core.raise(("%s: rank %d failed (its error is printed by it); '%s' is unchanged"):format(what, bad, target))
 end
 
+local function stage_path(parent, base, pid) return ("%s/.%s.tmp.%d"):format(parent, base, pid) end
+
 local function stage_name(parent, base, collective)
   local pid = core.pid()
   if collective then
@@ -70,7 +74,24 @@ local function stage_name(parent, base, collective)
     dist().broadcast(t, 0)
     pid = t:get(0)
   end
-  return ("%s/.%s.tmp.%d"):format(parent, base, pid)
+  return stage_path(parent, base, pid)
+end
+
+-- Removes `.BASE.tmp.PID` staging directories in `parent` left by saves killed before their swap: those whose PID
+-- runs no process on this host. The save itself has succeeded; a directory that cannot be removed stays, said on
+-- stderr.
+local function remove_stale_stages(parent, base, what)
+  local prefix = "." .. base .. ".tmp."
+  for _, name in ipairs(M.list(parent, what)) do
+    local pid = name:sub(1, #prefix) == prefix and name:sub(#prefix + 1):match("^%d+$") and tonumber(name:sub(#prefix + 1))
+    if pid and C.fl_process_alive(pid) == 0 then
+      local path = stage_path(parent, base, pid)
+      if C.fl_is_dir(path) == 1 and C.fl_remove_tree(path) < 0 then
+        io.stderr:write(("%s: cannot remove the stale staging directory '%s': %s\n"):format(what, path,
+                        core.last_error()))
+      end
+    end
+  end
 end
 
 -- Swaps stage into place: after it, `target` is the new checkpoint and `stage` holds the old one (or nothing).
@@ -137,7 +158,7 @@ function M.begin(dir, opts)
   end
   agree(ok, err, collective, what, target)
   return setmetatable({what = what, collective = collective, owns = opts.owns or function() return true end,
-                       parent = parent, target = target, stage = stage, leader = leader}, Txn)
+                       parent = parent, base = base, target = target, stage = stage, leader = leader}, Txn)
 end
 
 function Txn:agree(ok, err)
@@ -160,6 +181,7 @@ function Txn:commit()
       check(C.fl_dir_sync(self.stage), self.what)
       swap_in(self.stage, self.target, self.owns, self.what)
       check(C.fl_remove_tree(self.stage), self.what)   -- the old checkpoint, now at the staging name
+      remove_stale_stages(self.parent, self.base, self.what)
       check(C.fl_dir_sync(self.parent), self.what)
     end)
     if not ok then C.fl_remove_tree(self.stage) end

@@ -5,10 +5,12 @@
 -- the engine's (engine/io/safetensors.c, and engine/io/async_write.c for background writes).
 --
 -- Layout of a checkpoint directory:
---   metadata.json                      format and version, world size, mode (plain, ddp, fsdp), mesh, plan; for
---                                      every tensor its global shape, dtype and pieces (which rank's file holds
---                                      which element range = row range); the optimizer's type, param groups and
---                                      per-parameter steps; step, schedule, loader, RNG and the caller's `extra`.
+--   metadata.json                      format and version, world size, mode (plain, ddp, fsdp), mesh, plan; every
+--                                      rank file with its size and CRC32C (`files`); for every tensor its global
+--                                      shape, dtype and pieces (which rank's file holds which element range = row
+--                                      range); the optimizer's type, param groups and per-parameter steps; step,
+--                                      schedule, loader, RNG and the caller's `extra`. Written last, once every
+--                                      rank file is written and its checksum known.
 --   rank-0000R-of-0000W.safetensors    rank R's pieces: `model.<name>` and `optim.<name>.<state>` (exp_avg,
 --                                      exp_avg_sq, momentum_buffer), each of shape [rows, ...] of the global tensor.
 -- Pieces. Every rank reports the element range it holds of each parameter (an FSDP shard: its dim-0 rows, one
@@ -16,6 +18,9 @@
 -- a shard) split its rows evenly (fl_shard_rows) and each writes its part, so a replicated model is written once,
 -- by all ranks in parallel, and no rank gathers anything. Loading reads, for each range this rank now holds, the
 -- overlapping part of every piece: one contiguous byte range per overlap, whatever the old and new world sizes.
+-- Checksums. Each rank's writer computes its file's CRC32C over the bytes as it writes them (engine/io); rank 0
+-- gathers them into metadata.json. Load first verifies every file (each rank a share of them, one read each) and
+-- the ranks agree before anything is read into the model: a damaged file is named, and nothing has changed.
 --
 -- Test hooks (environment variables, read at each save; not for production use):
 --   FSDP_CHECKPOINT_TEST_KILL=R[:N]      rank R kills itself (SIGKILL) after writing its file of its N-th sync save
@@ -86,6 +91,23 @@ local function agree(ok, err, what, collective)
   D.broadcast(buf, bad)
   if not ok then error(err, 0) end
   core.raise(("%s: rank %d failed: %s"):format(what, bad, ffi.string(buf:data_ptr(), nbytes)))
+end
+
+-- Every rank's file as metadata.json lists it, {name =, bytes =, crc32c = 8 hex digits}, from this rank's CRC32C
+-- and size (one all-gather; one process: itself).
+local function gather_files(crc, size, world, collective)
+  local v = {crc, size}
+  if collective then
+    local D = dist()
+    local all = Tensor.zeros({2 * world}, {dtype = "i64"})
+    D.all_gather(all, Tensor.new(v, {dtype = "i64"}))
+    v = all:tolist()
+  end
+  local files = {}
+  for r = 0, world - 1 do
+    files[r + 1] = {name = file_name(r, world), bytes = v[2 * r + 2], crc32c = ("%08x"):format(v[2 * r + 1])}
+  end
+  return files
 end
 
 -- ---- JSON ----
@@ -380,9 +402,25 @@ local function piece_shape(e, p)
   return s
 end
 
+-- A copy of metadata.json's table (metatables kept: they say how an empty table is written), so that an async
+-- save writes what the caller passed even if the caller's `extra` or schedule changes before wait().
+local function copy_meta(v)
+  if type(v) ~= "table" then return v end
+  local c = {}
+  for k, x in pairs(v) do c[k] = copy_meta(x) end
+  return setmetatable(c, getmetatable(v))
+end
+
+-- Writes metadata.json into the staging directory, with the rank files' sizes and checksums; returns its path.
+local function write_metadata(stage, meta, files, what)
+  meta.files = files
+  return write_text(stage .. "/" .. M.METADATA, encode_json(meta), what)
+end
+
 -- ---- async state ----
 
--- At most one background save at a time: {writer (fl_async_write *), txn (publish transaction), dir}.
+-- At most one background save at a time: {writer (fl_async_write *), txn (publish transaction), dir, meta (rank
+-- 0's metadata.json before its files), size (of this rank's file), world, collective}.
 local pending = nil
 local sync_saves = 0   -- counted for the kill test hook only
 
@@ -400,14 +438,17 @@ function M.wait()
   local p = pending
   if not p then return nil end
   pending = nil
+  local crc = ffi.new("uint32_t[1]")
   local ok, err = pcall(function()
     if p.start_error then core.raise(p.start_error) end
-    if C.fl_async_write_wait(p.writer) < 0 then
+    if C.fl_async_write_wait(p.writer) < 0 or C.fl_async_write_crc32c(p.writer, 0, crc) < 0 then
       core.raise(("checkpoint.save (async) to '%s': %s"):format(p.dir, core.last_error()))
     end
   end)
   C.fl_async_write_release(p.writer)
   p.txn:agree(ok, err)
+  local files = gather_files(crc[0], p.size, p.world, p.collective)
+  p.txn:phase(function(stage) return p.meta and {write_metadata(stage, p.meta, files, "checkpoint.save (async)")} end)
   p.txn:commit()
   return p.dir
 end
@@ -514,10 +555,10 @@ function M.save(dir, opts)
   local meta
   ok, err = pcall(function()
     local plan, mesh = plan_of(model, mode)
-    local files, counters = {}, {}
-    for r = 0, world - 1 do files[r + 1], counters[r + 1] = file_name(r, world), head[r][4] end
+    local counters = {}
+    for r = 0, world - 1 do counters[r + 1] = head[r][4] end
     meta = {format = M.FORMAT, version = M.VERSION, world_size = world, mode = mode, mesh = mesh, plan = plan,
-            files = files, tensors = tensors, step = step, schedule = sched, loader = prep.loader, extra = opts.extra,
+            tensors = tensors, step = step, schedule = sched, loader = prep.loader, extra = opts.extra,
             model = {model_type = type(model.config) == "table" and model.config.model_type or nil,
                      parameters = #entries},
             rng = {seed = dist().seed(), dropout_counter = counters}}
@@ -536,7 +577,7 @@ function M.save(dir, opts)
       end
       meta.optimizer = {type = o.what, param_groups = groups, state = ostate}
     end
-    meta = rank == 0 and encode_json(meta) or nil
+    if rank == 0 then encode_json(meta) else meta = nil end   -- an error in it is found before any file is written
   end)
   agree(ok, err, what, collective)
 
@@ -549,30 +590,34 @@ function M.save(dir, opts)
   local txn = publish.begin(dir, {what = what, collective = collective, owns = owned})
 
   if not opts.async then
+    -- this rank's file, in order from offset 0 (the layout is contiguous), so its CRC32C is known when written
+    local crc = ffi.new("uint32_t[1]")
     txn:phase(function(stage)
-      local written = {}
-      if meta then written[1] = write_text(stage .. "/" .. M.METADATA, meta, what) end
       local path = stage .. "/" .. my_file
       st.write_header(path, text)
+      local hb = le_u64(#text) .. text
+      crc[0] = C.fl_crc32c(0, hb, #hb)
       for _, l in ipairs(layout) do
         local s = l.spec
         if s.n > 0 then
           local v = flat_range(s.src, s.lo, s.n, what)
-          local rc = C.fl_st_write_at(path, data_start + l.b, core.dtypes[l.dtype], v._p)
+          local rc = C.fl_st_write_at_crc32c(path, data_start + l.b, core.dtypes[l.dtype], v._p, crc)
           v:free()
           if rc < 0 then core.raise(("%s: tensor '%s': %s"):format(what, l.name, core.last_error())) end
         end
       end
-      written[#written + 1] = path
       if kill_me then ffi.C.kill(core.pid(), 9) end   -- test hook: killed midway (see the header)
-      return written
+      return {path}
     end)
+    local files = gather_files(crc[0], data_start + data_bytes, world, collective)
+    txn:phase(function(stage) return meta and {write_metadata(stage, meta, files, what)} end)
     txn:commit()
     return dir
   end
 
-  -- async: stage every byte of this rank's file now (the tensors may change as soon as save returns), write
-  -- metadata.json, agree, start the writer; wait() agrees again and publishes
+  -- async: stage every byte of this rank's file now (the tensors may change as soon as save returns), agree, start
+  -- the writer (which computes the file's CRC32C as it writes); wait() agrees again, gathers the checksums, writes
+  -- metadata.json and publishes
   local writer = C.fl_async_write_new()
   if writer == nil then core.raise(what .. ": " .. core.last_error()) end
   local sok, serr = pcall(function()
@@ -591,14 +636,15 @@ function M.save(dir, opts)
           if rc < 0 then core.raise(("%s: tensor '%s': %s"):format(what, l.name, core.last_error())) end
         end
       end
-      return meta and {write_text(stage .. "/" .. M.METADATA, meta, what)} or {}
+      return {}
     end)
   end)
   if not sok then
     C.fl_async_write_release(writer)
     error(serr, 0)
   end
-  pending = {writer = writer, txn = txn, dir = dir}
+  pending = {writer = writer, txn = txn, dir = dir, meta = meta and copy_meta(meta), size = data_start + data_bytes, world = world,
+             collective = collective}
   if C.fl_async_write_start(writer, env_number("FSDP_CHECKPOINT_TEST_WRITE_DELAY") or 0) < 0 then
     pending.start_error = ("%s (async) to '%s': %s"):format(what, dir, core.last_error())   -- agreed on at wait
   end
@@ -765,9 +811,8 @@ local function load_optimizer(ctx, opt, entries, meta)
   opt.state = state
 end
 
--- Everything load does on this rank, before the ranks agree.
-local function load_local(dir, opts)
-  local where = ("checkpoint.load '%s'"):format(dir)
+-- metadata.json of `dir`, checked to be a training checkpoint this build reads.
+local function read_meta(dir, where)
   local meta = read_json(dir .. "/" .. M.METADATA, "checkpoint.load")
   if meta.format ~= M.FORMAT then
     core.raise(("%s: metadata.json is not a training checkpoint (format %s)"):format(where, tostring(meta.format)))
@@ -778,6 +823,51 @@ local function load_local(dir, opts)
   if type(meta.world_size) ~= "number" or type(meta.tensors) ~= "table" then
     core.raise(where .. ": metadata.json lacks world_size or tensors")
   end
+  return meta
+end
+
+-- verify_file(dir, meta, r) -> nil when rank r's file has the size and CRC32C metadata.json lists for it, false
+-- when metadata.json lists no checksum for it (a checkpoint saved before they were recorded), or the message
+-- naming the file and what differs. Reads the whole file once. checkpoint.load and `fsdp-lua inspect` both call it.
+local crc_buf, size_buf = ffi.new("uint32_t[1]"), ffi.new("int64_t[1]")
+function M.verify_file(dir, meta, r)
+  local W = meta.world_size
+  local files = meta.files
+  local e = type(files) == "table" and files[r + 1] or nil
+  if e == nil or type(e) == "string" then return false end
+  local name = file_name(r, W)
+  if type(e) ~= "table" or e.name ~= name or type(e.bytes) ~= "number" or type(e.crc32c) ~= "string"
+     or not e.crc32c:match("^%x%x%x%x%x%x%x%x$") then
+    return ("metadata.json: files[%d] is not {name = '%s', bytes =, crc32c = 8 hex digits}"):format(r + 1, name)
+  end
+  local path = dir .. "/" .. name
+  if C.fl_file_crc32c(path, crc_buf, size_buf) < 0 then
+    return ("the file of rank %d, '%s', is missing or damaged: %s"):format(r, path, core.last_error())
+  end
+  local size, crc = tonumber(size_buf[0]), ("%08x"):format(crc_buf[0])
+  if size ~= e.bytes then
+    return ("the file of rank %d, '%s', is %d bytes, metadata.json says %d: truncated or rewritten since it was "
+            .. "saved"):format(r, path, size, e.bytes)
+  end
+  if crc ~= e.crc32c:lower() then
+    return ("the file of rank %d, '%s', fails its checksum: CRC32C %s, metadata.json says %s: damaged since it was "
+            .. "saved"):format(r, path, crc, e.crc32c:lower())
+  end
+  return nil
+end
+
+-- Verifies this rank's share of the checkpoint's files (rank r: files r, r + world, ...), so that every file is
+-- read once by one rank whatever the old and new world sizes.
+local function verify_share(dir, meta, rank, world, where)
+  for r = rank, meta.world_size - 1, world do
+    local bad = M.verify_file(dir, meta, r)
+    if bad then core.raise(("%s: %s"):format(where, bad)) end
+  end
+end
+
+-- Everything load does on this rank, once the files are verified, before the ranks agree.
+local function load_local(dir, meta, opts)
+  local where = ("checkpoint.load '%s'"):format(dir)
   local model = opts.model
   local entries = model_entries(model, where)
   -- the model must be the saved one: names and shapes (and the architecture, when both know it)
@@ -888,16 +978,27 @@ end
 -- streams: the dropout key counter and the run's seed (fsdp.init{seed =} when the run
 -- has none; a different one is an error). Collective over the world when the job has several ranks; an error on
 -- any rank (a missing or damaged rank file, a tensor of another shape, another architecture) raises on every rank
--- naming the file, tensor and rank.
+-- naming the file, tensor and rank. Every rank file is first checked against the size and CRC32C metadata.json
+-- lists (each rank reads a share of them whole), so a damaged file is named before anything is changed;
+-- checkpoints saved before checksums were recorded load unverified.
 function M.load(dir, opts)
   local what = "checkpoint.load"
   opts = core.check_opts(what, opts, LOAD_OPTS, 2)
   if type(dir) ~= "string" or dir == "" then core.raise(what .. ": dir must be a non-empty string") end
   if opts.model == nil then core.raise(what .. ": model is required") end
   M.wait()
-  local _, world = world_info()
+  local rank, world = world_info()
   local collective = world > 1
-  local ok, res, seed = pcall(load_local, dir, opts)
+  -- every file verified and agreed on before anything is read into the model or the optimizer
+  local where = ("%s '%s'"):format(what, dir)
+  local ok, meta = pcall(function()
+    local m = read_meta(dir, where)
+    verify_share(dir, m, rank, world, where)
+    return m
+  end)
+  agree(ok, meta, what, collective)
+  local res, seed
+  ok, res, seed = pcall(load_local, dir, meta, opts)
   agree(ok, res, what, collective)
   if seed ~= nil and dist().seed() == nil then dist().init{seed = seed} end   -- collective: every rank is here
   return res
