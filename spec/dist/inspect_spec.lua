@@ -247,7 +247,8 @@ describe("fsdp-lua inspect", function()
       d = tmp .. "/truncrank"
       cp(t.ckpt, d)
       os.execute("truncate -s 2000 " .. q(d .. "/rank-00000-of-00002.safetensors"))
-      fails(inspect(d), "the file of rank 0 is damaged", "rank-00000-of-00002.safetensors' is truncated")
+      fails(inspect(d), "the file of rank 0, '" .. d .. "/rank-00000-of-00002.safetensors', is 2000 bytes",
+            "truncated or rewritten since it was saved")
     end)
 
     it("reports unknown tensors, missing paths and directories that are no checkpoint; usage errors exit 2", function()
