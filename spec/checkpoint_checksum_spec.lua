@@ -172,6 +172,20 @@ describe("training checkpoint checksums", function()
     end
   end)
 
+  it("skips the verification with verify = false, and checks that option", function()
+    local d = copy(base)
+    local path = d .. "/" .. RANK0
+    local at = fsdp.safetensors.header(path).tensors["model.transformer.wte.weight"].offset
+    flip(path, at + 3)   -- the first float of the embedding: loaded as it is, unverified
+    local model = tiny(5)
+    ck.load(d, {model = model, verify = false})
+    assert.equal(D.read_file(path):sub(at + 1, at + 4), ffi.string(model.transformer.wte.weight:data_ptr(), 4))
+    local ok, err = pcall(ck.load, d, {model = model, verify = "no"})
+    assert.is_false(ok)
+    assert.matches("checkpoint.load: verify must be a boolean, got string", tostring(err), 1, true)
+    D.cleanup(d:match("^(.*)/ck$"))
+  end)
+
   it("names a truncated or missing rank file", function()
     local d = copy(base)
     local path = d .. "/" .. RANK0

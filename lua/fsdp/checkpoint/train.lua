@@ -654,7 +654,7 @@ end
 
 -- ---- load ----
 
-local LOAD_OPTS = {model = true, optimizer = true, loader = true, schedule = true}
+local LOAD_OPTS = {model = true, optimizer = true, loader = true, schedule = true, verify = true}
 
 local function same_shape(a, b)
   if type(b) ~= "table" or #a ~= #b then return false end
@@ -970,7 +970,7 @@ local function load_local(dir, meta, opts)
           world_size = meta.world_size, mode = meta.mode, plan = meta.plan, mesh = meta.mesh}, rng.seed
 end
 
--- load(dir, {model =, optimizer =, loader =, schedule =}) -> {step =, extra =, schedule =, loader =, rng =,
+-- load(dir, {model =, optimizer =, loader =, schedule =, verify = true}) -> {step =, extra =, schedule =, loader =, rng =,
 -- world_size =, mode =, ...}: reads a checkpoint saved by save into `model` (already built, sharded or wrapped the
 -- way this run wants: any plan, world size or mode) — each rank reads only the element ranges it now holds, from
 -- the saved ranks' files — and, when given, the optimizer state (matched by parameter name, hyper-parameters from
@@ -980,12 +980,17 @@ end
 -- any rank (a missing or damaged rank file, a tensor of another shape, another architecture) raises on every rank
 -- naming the file, tensor and rank. Every rank file is first checked against the size and CRC32C metadata.json
 -- lists (each rank reads a share of them whole), so a damaged file is named before anything is changed;
--- checkpoints saved before checksums were recorded load unverified.
+-- checkpoints saved before checksums were recorded load unverified. verify = false skips that pass: it reads the
+-- files once more, about 0.1 s per 500 MB in the page cache, which doubles a load from the page cache (measured:
+-- 0.19 s against 0.09 s for a 500 MB file); from disk it is the read that the load then finds cached.
 function M.load(dir, opts)
   local what = "checkpoint.load"
   opts = core.check_opts(what, opts, LOAD_OPTS, 2)
   if type(dir) ~= "string" or dir == "" then core.raise(what .. ": dir must be a non-empty string") end
   if opts.model == nil then core.raise(what .. ": model is required") end
+  if opts.verify ~= nil and type(opts.verify) ~= "boolean" then
+    core.raise(("%s: verify must be a boolean, got %s"):format(what, type(opts.verify)))
+  end
   M.wait()
   local rank, world = world_info()
   local collective = world > 1
@@ -993,7 +998,7 @@ function M.load(dir, opts)
   local where = ("%s '%s'"):format(what, dir)
   local ok, meta = pcall(function()
     local m = read_meta(dir, where)
-    verify_share(dir, m, rank, world, where)
+    if opts.verify ~= false then verify_share(dir, m, rank, world, where) end
     return m
   end)
   agree(ok, meta, what, collective)
