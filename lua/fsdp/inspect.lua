@@ -445,11 +445,8 @@ local function summary_train(dir)
   if meta.extra ~= nil then lines[#lines + 1] = clip("  extra: " .. value_str(meta.extra)) end
   if meta.verified == W then
     lines[#lines + 1] = ("  files: %d, each matching the size and CRC32C in metadata.json"):format(W)
-  elseif meta.verified == 0 then
+  else   -- verify_file checks all of them or none
     lines[#lines + 1] = "  files: not verified (metadata.json lists no checksums: saved by an older version)"
-  else
-    lines[#lines + 1] = ("  files: %d of %d verified (metadata.json lists checksums for those only)"):format(
-      meta.verified, W)
   end
   local frows = {}
   for r = 0, W - 1 do

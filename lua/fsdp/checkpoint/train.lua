@@ -833,8 +833,9 @@ local crc_buf, size_buf = ffi.new("uint32_t[1]"), ffi.new("int64_t[1]")
 function M.verify_file(dir, meta, r)
   local W = meta.world_size
   local files = meta.files
-  local e = type(files) == "table" and files[r + 1] or nil
-  if e == nil or type(e) == "string" then return false end
+  -- files listed by name only (or not at all): saved before checksums; one entry with a checksum means all have one
+  if type(files) ~= "table" or type(files[1]) ~= "table" then return false end
+  local e = files[r + 1]
   local name = file_name(r, W)
   if type(e) ~= "table" or e.name ~= name or type(e.bytes) ~= "number" or type(e.crc32c) ~= "string"
      or not e.crc32c:match("^%x%x%x%x%x%x%x%x$") then
