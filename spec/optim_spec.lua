@@ -380,6 +380,11 @@ for _, name in ipairs {"gpt2_tied", "gpt2_untied", "llama_tied", "llama_untied",
         out.loss:backward()
         opt:step()
       end
+      -- Tolerance in units of one AdamW step (lr): our step-1 gradients match torch's to ~4e-7 relative, but Adam
+      -- normalises each element by its own gradient's size, so an element whose gradient sits at that noise floor
+      -- moves by up to lr in either direction. 1e-3 lr bounds the rest; 1% of the weights may be at the floor
+      -- (Phi-3 tied: 0.27% on this CPU's OpenBLAS, 9.6% beyond 1e-4 lr), none beyond 0.1 lr.
+      local step_tol = 1e-3 * a.lr
       local total, loose, worst, worst_name = 0, 0, 0, nil
       for pname, p in model:named_parameters() do
         local want = exp["after3." .. pname]
@@ -388,12 +393,13 @@ for _, name in ipairs {"gpt2_tied", "gpt2_untied", "llama_tied", "llama_untied",
         for i = 1, #ta do
           local d = math.abs(ta[i] - tb[i])
           total = total + 1
-          if d > 1e-6 then loose = loose + 1 end
+          if d > step_tol then loose = loose + 1 end
           if d > worst then worst, worst_name = d, pname end
         end
       end
-      assert.is_true(loose <= 0.05 * total, ("%d of %d weights differ by more than 1e-6"):format(loose, total))
-      assert.is_true(worst < 1e-3, ("max difference %g in %s"):format(worst, tostring(worst_name)))
+      assert.is_true(loose <= 0.01 * total, ("%d of %d weights differ by more than %g (1e-3 lr)"):format(loose, total,
+                     step_tol))
+      assert.is_true(worst < 0.1 * a.lr, ("max difference %g in %s"):format(worst, tostring(worst_name)))
     end)
   end)
 end
